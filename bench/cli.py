@@ -1,0 +1,207 @@
+"""The `bench` command line: list, run, leaderboard.
+
+Exit status: 0 success, 1 some runs failed, 2 bad input (unknown names, invalid config, unwritable results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench.registry import AdaptBenchError, UnknownNameError
+
+EXIT_FAILED_RUNS = 1
+EXIT_USAGE = 2
+
+
+def _default_cache() -> str:
+    from tasks.references import default_cache_dir
+
+    return str(default_cache_dir())
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------- list
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "tasks":
+        from tasks import list_tasks
+        from tasks.references import get_references
+
+        rows = []
+        for spec in list_tasks():
+            if args.no_references:
+                ref = "-"
+            else:
+                print(f"references for {spec.id} ...", file=sys.stderr, end="\r", flush=True)
+                refs = get_references(spec, args.preset, Path(args.cache_dir))
+                ref = f"random {refs.random:.4g} ({refs.random_source}); reference {refs.reference:.4g} ({refs.reference_source})"
+            splits = f"{len(spec.train_tasks)}/{len(spec.test_tasks)}" if spec.train_tasks else "-"
+            rows.append([spec.id, spec.family, spec.observation, spec.actions, splits, ref])
+        print(_table(rows, ["id", "family", "observation", "actions", "train/test", "normalisation references"]))
+    elif args.what == "methods":
+        from bench.methods import get_method, method_registry
+        from tasks import list_tasks
+
+        reg = method_registry()
+        specs = list_tasks()
+        rows = []
+        for name in reg.names():
+            method = get_method(name)
+            from bench.method import support_reason
+
+            n = sum(support_reason(method, s) is None for s in specs)
+            rows.append([name, reg.provider(name), f"{n}/{len(specs)}", (type(method).__doc__ or "").strip().split("\n")[0]])
+        print(_table(rows, ["method", "provider", "tasks", "description"]))
+    elif args.what == "presets":
+        from bench.config import PRESETS
+
+        print(_table([[k, v] for k, v in PRESETS.items()], ["preset", "meaning"]))
+    else:
+        from bench.runner import suites
+
+        rows = [[s.name, s.preset, ",".join(s.methods), ",".join(s.tasks), str(s.seeds), s.description]
+                for s in suites().values()]
+        print(_table(rows, ["suite", "preset", "methods", "tasks", "seeds", "description"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _split(values: list[str] | None) -> list[str]:
+    return [x.strip() for v in values or [] for x in v.split(",") if x.strip()]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.config import check_preset, parse_set_args
+    from bench.executor import LocalExecutor, run_sweep
+    from bench.runner import expand_methods, expand_tasks, get_suite, make_plan
+    from bench.store import ResultsStore
+
+    suite = get_suite(args.suite) if args.suite else None
+    if suite is None and not (args.methods and args.tasks):
+        raise AdaptBenchError("give --suite, or both --methods and --tasks (see `bench list suites`)")
+    preset = check_preset(args.preset or (suite.preset if suite else "smoke"))
+    methods = expand_methods(_split(args.methods) or list(suite.methods))  # type: ignore[union-attr]
+    tasks = expand_tasks(_split(args.tasks) or list(suite.tasks))  # type: ignore[union-attr]
+    n_seeds = args.seeds if args.seeds is not None else (suite.seeds if suite else 1)
+    if n_seeds < 1:
+        raise AdaptBenchError(f"--seeds must be >= 1, got {n_seeds}")
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+    plan = make_plan(methods, tasks, seeds, preset, parse_set_args(args.set or []))
+
+    store = ResultsStore(args.results_dir)
+    if args.dry_run:
+        from bench.executor import pending_cells
+
+        todo, _, _ = pending_cells(plan, store, args.retry_failed)
+        todo_ids = {c.run_id for c in todo}
+        print(f"plan: preset {preset}, {len(methods)} method(s) x {len(tasks)} task(s) x {len(seeds)} seed(s)")
+        for c in plan.cells:
+            state = "run" if c.run_id in todo_ids else store.status(c.run_id)
+            print(f"  {state:7s} {c.label}  ({c.run_id})")
+        for m, t, why in plan.skipped:
+            print(f"  skip    {m}/{t}: {why}")
+        print(f"{len(todo)} to run, {len(plan.cells) - len(todo)} stored, {len(plan.skipped)} pair(s) skipped")
+        return 0
+    for m, t, why in plan.skipped:
+        print(f"skip {m}/{t}: {why}", file=sys.stderr)
+    store.ensure_writable()  # before any run starts
+    if args.executor == "ray":
+        from bench.ray_executor import RayExecutor
+
+        executor = RayExecutor(address=args.address, device=args.device)
+    else:
+        executor = LocalExecutor(args.workers, args.torch_threads, args.device)
+    summary = run_sweep(plan, store, args.cache_dir, executor, args.retry_failed)
+    failed = [c for c in plan.cells if store.status(c.run_id) in ("failed", "corrupt")]
+    ok = len(plan.cells) - len(failed)
+    print(f"done: {ok}/{len(plan.cells)} runs stored ok ({len(summary.results)} run now, "
+          f"{summary.skipped_done} found stored), {len(failed)} failed", file=sys.stderr)
+    if failed:
+        for c in failed:
+            try:
+                reason = store.read_meta(c.run_id).get("reason")
+            except AdaptBenchError as e:
+                reason = str(e)
+            print(f"  FAILED {c.label}: {reason}  (results/runs/{c.run_id})", file=sys.stderr)
+        print("re-run with --retry-failed to run failed cells again", file=sys.stderr)
+        return EXIT_FAILED_RUNS
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- leaderboard
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.leaderboard import build_leaderboard
+
+    report = build_leaderboard(args.results_dir, out_dir=args.out_dir, plots=not args.no_plots,
+                               seed=args.bootstrap_seed, reps=args.reps)
+    for line in report.messages:
+        print(line, file=sys.stderr)
+    print(report.markdown_path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ls = sub.add_parser("list", help="list tasks, methods, presets or suites")
+    ls.add_argument("what", choices=["tasks", "methods", "presets", "suites"])
+    ls.add_argument("--no-references", action="store_true", help="do not compute normalisation references")
+    ls.add_argument("--preset", default="quick", help="the preset whose held-out tasks the references cover")
+    ls.add_argument("--cache-dir", default=_default_cache(), help="cache for references and artifacts")
+    ls.set_defaults(func=cmd_list)
+
+    run = sub.add_parser("run", help="run a suite (methods x tasks x seeds); finished runs are skipped")
+    run.add_argument("--suite", help="a suite from `bench list suites`")
+    run.add_argument("--preset", help="smoke | quick | paper (default: the suite's)")
+    run.add_argument("--methods", action="append", help="comma-separated method names (default: the suite's)")
+    run.add_argument("--tasks", action="append", help="comma-separated task ids or family:<name>")
+    run.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    run.add_argument("--first-seed", type=int, default=0)
+    run.add_argument("--set", action="append", metavar="[METHOD.]FIELD=VALUE", help="typed config override")
+    run.add_argument("--workers", type=int, default=1, help="parallel worker processes (local executor)")
+    run.add_argument("--torch-threads", type=int, help="torch threads per worker (default: cores / workers)")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    run.add_argument("--executor", choices=["local", "ray"], default="local")
+    run.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    run.add_argument("--results-dir", default="results", help="results root (runs under RESULTS_DIR/runs)")
+    run.add_argument("--cache-dir", default=_default_cache(), help="artifact and checkpoint cache")
+    run.add_argument("--retry-failed", action="store_true", help="run stored failed runs again")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    run.set_defaults(func=cmd_run)
+
+    lb = sub.add_parser("leaderboard", help="regenerate leaderboard tables and plots from stored runs")
+    lb.add_argument("--results-dir", default="results")
+    lb.add_argument("--out-dir", help="where to write leaderboard.md/.csv and plots/ (default: RESULTS_DIR)")
+    lb.add_argument("--no-plots", action="store_true")
+    lb.add_argument("--bootstrap-seed", type=int, default=0)
+    lb.add_argument("--reps", type=int, default=2000, help="bootstrap replicates")
+    lb.set_defaults(func=cmd_leaderboard)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UnknownNameError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except AdaptBenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are stored; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

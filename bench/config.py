@@ -1,0 +1,162 @@
+"""Presets and typed, validated config overrides.
+
+A method's ``Config`` dataclass holds the paper's settings; ``presets`` on the method are small named override
+sets (``smoke``, ``quick``); ``paper`` is the defaults. Command-line overrides ``--set [method.]field=value`` are
+parsed by the field's type; an unknown or ill-typed field is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+from bench.registry import AdaptBenchError, UnknownNameError
+
+PRESETS: dict[str, str] = {
+    "smoke": "seconds per run; checks that everything runs end to end (CI)",
+    "quick": "minutes per run on a 2-core CPU laptop; budgets and sizes shrunk, algorithms unchanged",
+    "paper": "the papers' budgets and settings; for GPUs or a cluster",
+}
+
+
+class ConfigError(AdaptBenchError, ValueError):
+    """An invalid config value or override; the message names the field."""
+
+
+def check_preset(preset: str) -> str:
+    if preset not in PRESETS:
+        raise UnknownNameError("preset", preset, list(PRESETS), "Presets: " + ", ".join(PRESETS) + ".")
+    return preset
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, raw: Any, tp: Any) -> Any:
+    """Convert ``raw`` (a string from the CLI, or a Python value from a preset) to type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null"))):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, raw, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config field `{name}`: {raw!r} is not a valid {tp}")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        for c in choices:
+            if raw == c or (isinstance(raw, str) and str(c) == raw):
+                return c
+        raise ConfigError(f"config field `{name}`: {raw!r} is not one of {list(choices)}")
+    if origin in (tuple, list):
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        args = typing.get_args(tp)
+        inner = args[0] if args else str
+        out = [_coerce(name, x.strip() if isinstance(x, str) else x, inner) for x in items if x != ""]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return raw.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"config field `{name}` expects a bool (true/false), got {raw!r}")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"config field `{name}` expects an int, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.replace("_", ""))
+            except ValueError:
+                pass
+            try:  # accept 1e5-style integers, but not 0.5
+                f = float(raw)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        raise ConfigError(f"config field `{name}` expects an int, got {raw!r}")
+    if tp is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(f"config field `{name}` expects a float, got {raw!r}")
+    if tp is str:
+        if isinstance(raw, str):
+            return raw
+        raise ConfigError(f"config field `{name}` expects a string, got {raw!r}")
+    if dataclasses.is_dataclass(tp) and isinstance(raw, tp):
+        return raw
+    if isinstance(tp, type) and isinstance(raw, tp):
+        return raw
+    raise ConfigError(f"config field `{name}` of type {tp} cannot be set from {raw!r}")
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any], where: str) -> Any:
+    """Return a copy of dataclass ``config`` with ``overrides`` applied, each validated against its type."""
+    if not overrides:
+        return config
+    fields = {f.name for f in dataclasses.fields(config)}
+    types_ = _field_types(type(config))
+    changes = {}
+    for key, raw in overrides.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            hint = f" Did you mean {' or '.join(f'`{c}`' for c in close)}?" if close else ""
+            raise ConfigError(f"{where}: unknown config field `{key}`.{hint} Fields: {', '.join(sorted(fields))}")
+        changes[key] = _coerce(key, raw, types_[key])
+    new = dataclasses.replace(config, **changes)
+    validate = getattr(new, "validate", None)
+    if callable(validate):  # a Config may check cross-field constraints
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from e
+    return new
+
+
+def resolve_config(method: Any, preset: str, overrides: dict[str, Any] | None = None) -> Any:
+    """``Config()`` + ``method.presets[preset]`` + ``overrides``; ``None`` for methods without a Config."""
+    check_preset(preset)
+    cls = getattr(method, "Config", None)
+    if cls is None:
+        if overrides:
+            raise ConfigError(f"method `{method.name}` has no config; cannot set {sorted(overrides)}")
+        return None
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"method `{method.name}`: Config must be a dataclass")
+    config = cls()
+    presets = getattr(method, "presets", {}) or {}
+    config = apply_overrides(config, dict(presets.get(preset, {})), f"method `{method.name}` preset `{preset}`")
+    return apply_overrides(config, dict(overrides or {}), f"method `{method.name}`")
+
+
+def config_to_dict(config: Any) -> dict[str, Any] | None:
+    return None if config is None else dataclasses.asdict(config)
+
+
+def parse_set_args(items: list[str]) -> dict[str | None, dict[str, str]]:
+    """``["lr=1e-4", "drqv2.batch=64"]`` -> ``{None: {"lr": "1e-4"}, "drqv2": {"batch": "64"}}``."""
+    out: dict[str | None, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override `{item}` is not of the form [method.]field=value")
+        method, dot, field = key.rpartition(".")
+        out.setdefault(method if dot else None, {})[field] = value
+    return out

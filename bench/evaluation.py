@@ -1,0 +1,81 @@
+"""Shared evaluation protocols, so every method is scored the same way.
+
+* In-context families: on each held-out task of the preset's test split, run ``budget.eval_episodes``
+  consecutive episodes; row ``eval/return`` at ``axis="episode"``, step ``k`` = mean return over held-out tasks
+  of in-context episode ``k``.
+* Control families: ``budget.eval_episodes`` episodes at each evaluation point; row ``eval/return`` at
+  ``axis="env_step"`` (frames).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from bench.method import RunContext
+
+EVAL_KEY = "eval/return"
+
+
+class EpisodicPolicy(Protocol):
+    """A policy that may adapt across episodes of one task (``begin_task`` resets its memory)."""
+
+    def begin_task(self, env: Any) -> None: ...
+
+    def act(self, env: Any, obs: Any) -> Any: ...
+
+    def observe(self, obs: Any, action: Any, reward: float, done: bool) -> None: ...
+
+
+def run_episode(env: Any, policy: EpisodicPolicy, seed: int | None) -> float:
+    obs, _ = env.reset(seed=seed)
+    total, done = 0.0, False
+    while not done:
+        action = policy.act(env, obs)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total += float(reward)
+        done = bool(terminated or truncated)
+        policy.observe(obs, action, float(reward), done)
+    return total
+
+
+def in_context_returns(ctx: RunContext, make_policy: Callable[[], EpisodicPolicy]) -> np.ndarray:
+    """Returns ``(num_test_tasks, eval_episodes)`` of a policy run in context on the held-out tasks."""
+    test = ctx.task.test_split(ctx.preset)
+    n_eps = ctx.budget.eval_episodes
+    out = np.zeros((len(test), n_eps))
+    seeds = ctx.rng.integers(0, 2**31 - 1, size=(len(test), n_eps))
+    for i, task in enumerate(test):
+        env = ctx.task.make(task)
+        env.action_space.seed(int(seeds[i, 0]))
+        policy = make_policy()
+        policy.begin_task(env)
+        for k in range(n_eps):
+            out[i, k] = run_episode(env, policy, int(seeds[i, k]))
+        env.close()
+        ctx.progress((i + 1) / len(test), f"task {i + 1}/{len(test)}")
+    return out
+
+
+def log_in_context(ctx: RunContext, returns: np.ndarray) -> None:
+    """Log ``(num_test_tasks, eval_episodes)`` returns as one ``eval/return`` row per in-context episode."""
+    for k, value in enumerate(returns.mean(axis=0)):
+        ctx.log(k, {EVAL_KEY: float(value)}, axis="episode")
+
+
+def control_eval_points(ctx: RunContext) -> list[int]:
+    """Frames at which a control-family method evaluates: every ``eval_every`` frames and at the end."""
+    total, every = ctx.budget.train_steps, ctx.budget.eval_every
+    points = list(range(0, total + 1, every)) if every > 0 else [0]
+    if points[-1] != total:
+        points.append(total)
+    return points
+
+
+def evaluate_episodes(ctx: RunContext, env: Any, policy: EpisodicPolicy, episodes: int) -> float:
+    """Mean return of ``episodes`` evaluation episodes (control families)."""
+    seeds = ctx.rng.integers(0, 2**31 - 1, size=episodes)
+    policy.begin_task(env)
+    return float(np.mean([run_episode(env, policy, int(s)) for s in seeds]))

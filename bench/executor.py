@@ -1,0 +1,233 @@
+"""Executors: run a plan's pending cells and show progress. The local process pool is the default."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from bench.runner import Cell, CellResult, Plan, default_torch_threads, execute_cell
+from bench.store import ResultsStore
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+@dataclass
+class Progress:
+    """Cells done/total with an ETA, plus each running cell's own progress."""
+
+    total: int
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    done: int = 0
+    failed: int = 0
+    start: float = field(default_factory=time.monotonic)
+    running: dict[str, tuple[str, float, str]] = field(default_factory=dict)  # run_id -> (label, frac, msg)
+    _last_print: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def started(self, cell: Cell) -> None:
+        with self._lock:
+            self.running[cell.run_id] = (cell.label, 0.0, "")
+
+    def update(self, run_id: str, fraction: float, message: str) -> None:
+        with self._lock:
+            if run_id in self.running:
+                self.running[run_id] = (self.running[run_id][0], fraction, message)
+
+    def finished(self, result: CellResult) -> None:
+        with self._lock:
+            self.running.pop(result.run_id, None)
+            self.done += 1
+            self.failed += result.status != "ok"
+        mark = "ok" if result.status == "ok" else f"FAILED ({result.reason})"
+        self.stream.write(f"[{self.done}/{self.total}] {result.label}: {mark} in {_fmt_time(result.wall_time_s)}\n")
+        self.stream.flush()
+
+    def line(self) -> str:
+        with self._lock:
+            elapsed = time.monotonic() - self.start
+            # fractional credit for running cells makes the ETA move before the first cell ends
+            credit = self.done + sum(f for _, f, _ in self.running.values())
+            eta = elapsed / credit * (self.total - credit) if credit > 0 else float("nan")
+            parts = [f"{self.done}/{self.total} done", f"{self.failed} failed" if self.failed else "",
+                     f"elapsed {_fmt_time(elapsed)}", f"ETA {_fmt_time(eta)}" if eta == eta else "ETA ?"]
+            head = ", ".join(p for p in parts if p)
+            runs = "; ".join(f"{lab} {100 * f:.0f}%{' ' + m if m else ''}" for lab, f, m in self.running.values())
+        return f"[{head}] {runs}"
+
+    def tick(self, every: float = 10.0) -> None:
+        now = time.monotonic()
+        if now - self._last_print >= every and self.running:
+            self._last_print = now
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------- local
+_QUEUE: mp.Queue | None = None
+
+
+def _init_worker(q: mp.Queue) -> None:
+    global _QUEUE
+    _QUEUE = q
+
+
+def _worker_progress(run_id: str, fraction: float, message: str) -> None:
+    if _QUEUE is not None:
+        _QUEUE.put((run_id, fraction, message))
+
+
+def _worker_execute(cell: Cell, results_root: str, cache_root: str, threads: int, device: str) -> CellResult:
+    return execute_cell(cell, results_root, cache_root, threads, device, progress=_worker_progress)
+
+
+class LocalExecutor:
+    """Runs cells in this process (``workers == 1``) or in a pool of ``workers`` spawned processes."""
+
+    def __init__(self, workers: int = 1, torch_threads: int | None = None, device: str = "auto",
+                 progress_every: float = 10.0) -> None:
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.threads = torch_threads or default_torch_threads(workers)
+        self.device = device
+        self.progress_every = progress_every
+
+    def run(self, cells: list[Cell], store: ResultsStore, cache_root: str, progress: Progress) -> list[CellResult]:
+        if self.workers == 1:
+            return self._serial(cells, store, cache_root, progress)
+        return self._pool(cells, store, cache_root, progress)
+
+    def _serial(self, cells, store, cache_root, progress):
+        results = []
+        for cell in cells:
+            progress.started(cell)
+
+            def report(run_id, f, msg):
+                progress.update(run_id, f, msg)
+                progress.tick(self.progress_every)
+
+            r = execute_cell(cell, str(store.root), cache_root, self.threads, self.device, progress=report)
+            progress.finished(r)
+            results.append(r)
+        return results
+
+    def _pool(self, cells, store, cache_root, progress):
+        ctx = mp.get_context("spawn")  # fork + torch threads is unsafe; spawn costs one import per worker
+        q = ctx.Queue()
+        stop = threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set():
+                try:
+                    progress.update(*q.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+                except (EOFError, OSError):
+                    return
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        results: list[CellResult] = []
+        pending = list(cells)
+        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(q,))
+        inflight: dict[Future, Cell] = {}
+        try:
+            while pending or inflight:
+                while pending and len(inflight) < self.workers:
+                    cell = pending.pop(0)
+                    progress.started(cell)
+                    fut = pool.submit(_worker_execute, cell, str(store.root), cache_root, self.threads, self.device)
+                    inflight[fut] = cell
+                done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
+                progress.tick(self.progress_every)
+                broken = False
+                for fut in done:
+                    cell = inflight.pop(fut)
+                    try:
+                        r = fut.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        r = self._died(cell, store)
+                    except Exception as e:  # harness-side error in the worker (not the method's)
+                        r = CellResult(cell.run_id, cell.label, "failed", f"{type(e).__name__}: {e}", 0.0)
+                    progress.finished(r)
+                    results.append(r)
+                if broken:  # a worker died (segfault, OOM kill): record its cells, start a new pool
+                    for fut, cell in inflight.items():
+                        r = self._died(cell, store)
+                        progress.finished(r)
+                        results.append(r)
+                    inflight.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(q,))
+        except BaseException:
+            # Ctrl-C: stop the workers now; their half-written .tmp dirs are cleaned on the next run
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            stop.set()
+        pool.shutdown(wait=True)
+        return results
+
+    @staticmethod
+    def _died(cell: Cell, store: ResultsStore) -> CellResult:
+        reason = "worker process died (killed, out of memory or crashed in native code)"
+        store.write(cell.run_id, {"status": "failed", "reason": reason, "traceback": None, "method": cell.method,
+                                  "task": cell.task, "seed": cell.seed, "preset": cell.preset,
+                                  "config": cell.config}, [])
+        return CellResult(cell.run_id, cell.label, "failed", reason, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+@dataclass
+class SweepSummary:
+    planned: int
+    skipped_done: int
+    results: list[CellResult]
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [r for r in self.results if r.status != "ok"]
+
+
+def pending_cells(plan: Plan, store: ResultsStore, retry_failed: bool) -> tuple[list[Cell], int, list[str]]:
+    """Cells still to run, how many are already done, and the stored failures that are not retried."""
+    todo, done, kept_failed = [], 0, []
+    for cell in plan.cells:
+        status = store.status(cell.run_id)
+        if status == "ok":
+            done += 1
+        elif status == "failed" and not retry_failed:
+            kept_failed.append(cell.label)
+            done += 1
+        else:  # missing, corrupt, or a failure being retried
+            todo.append(cell)
+    return todo, done, kept_failed
+
+
+def run_sweep(plan: Plan, store: ResultsStore, cache_root: str, executor, retry_failed: bool = False,
+              stream: TextIO | None = None) -> SweepSummary:
+    stream = stream or sys.stderr
+    store.ensure_writable()
+    store.cleanup_stale()
+    todo, done, kept_failed = pending_cells(plan, store, retry_failed)
+    if kept_failed:
+        stream.write(f"{len(kept_failed)} stored failed run(s) are kept; re-run them with --retry-failed\n")
+    stream.write(f"{len(plan.cells)} cells planned: {done} already stored, {len(todo)} to run\n")
+    progress = Progress(total=len(todo), stream=stream)
+    results = executor.run(todo, store, cache_root, progress) if todo else []
+    return SweepSummary(len(plan.cells), done, results)

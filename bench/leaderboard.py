@@ -1,0 +1,194 @@
+"""Leaderboards from stored runs only: ``results/leaderboard.md`` + ``.csv`` and the plots.
+
+Per run (see DESIGN.md "Scores"):
+
+* in-context families: the ``eval/return`` curve over in-context episodes (mean over held-out tasks) is
+  normalised with the run's stored references; *first* = episode 0, *final* = mean over the last 10% of
+  episodes, *improvement* = final - first. The final score enters the aggregates.
+* control families: *final* = the last evaluation, *AUC* = normalised area under the learning curve, and the
+  critic's FAU at the end of training where the method logs ``fau/critic``.
+
+Aggregates (IQM, mean, median, optimality gap) over a ``(num_seeds, num_tasks)`` matrix per method with
+stratified-bootstrap 95% intervals from a seeded Generator, so regenerating gives identical tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench import scoring
+from bench.store import CorruptRecordError, ResultsStore
+
+EVAL_KEY = "eval/return"
+FAU_KEY = "fau/critic"
+
+
+@dataclass
+class LeaderboardReport:
+    markdown_path: Path
+    csv_path: Path
+    plot_paths: list[Path] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+
+
+def run_scores(record) -> tuple[dict, pd.DataFrame]:
+    """One run's summary row and its normalised ``eval/return`` curve (columns step, raw, score)."""
+    meta, curve = record.meta, record.curve
+    refs = meta["references"]
+    ev = curve[curve["key"] == EVAL_KEY].sort_values("step")
+    steps = ev["step"].to_numpy()
+    raw = ev["value"].to_numpy(dtype=float)
+    score = scoring.normalize(raw, refs["random"], refs["reference"])
+    row = {"method": meta["method"], "task": meta["task"], "family": meta["family"], "seed": meta["seed"],
+           "preset": meta["preset"], "run_id": meta["run_id"],
+           "deviations": "; ".join(f"{k}={v[1]} (paper {v[0]})" for k, v in sorted((meta.get("deviations") or {}).items()))}
+    if meta["family"] == "in-context":
+        k = max(1, math.ceil(0.1 * len(score)))
+        row.update(first=float(score[0]), final=float(score[-k:].mean()), raw_final=float(raw[-k:].mean()))
+        row["improvement"] = row["final"] - row["first"]
+    else:
+        row.update(final=float(score[-1]), raw_final=float(raw[-1]), auc=float(scoring.auc(steps, score)))
+        fau = curve[curve["key"] == FAU_KEY].sort_values("step")
+        row["fau_critic"] = float(fau["value"].iloc[-1]) if len(fau) else np.nan
+    frame = pd.DataFrame({"method": meta["method"], "task": meta["task"], "seed": meta["seed"],
+                          "family": meta["family"], "preset": meta["preset"], "step": steps, "raw": raw,
+                          "score": score})
+    return row, frame
+
+
+def load_scores(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
+    """Summary rows, curves and other logged metrics of every ok run; messages name failed and corrupt ones."""
+    store = ResultsStore(results_dir)
+    rows, curves, extras, messages = [], [], [], []
+    for rec in store.iter_records():
+        if isinstance(rec, CorruptRecordError):
+            messages.append(f"skipped corrupt record: {rec}")
+            continue
+        if rec.status != "ok":
+            messages.append(f"skipped failed run {rec.run_id}: {rec.meta.get('reason')}")
+            continue
+        row, frame = run_scores(rec)
+        rows.append(row)
+        curves.append(frame)
+        other = rec.curve[rec.curve["key"] != EVAL_KEY].assign(
+            method=rec.meta["method"], task=rec.meta["task"], seed=rec.meta["seed"],
+            family=rec.meta["family"], preset=rec.meta["preset"])
+        extras.append(other)
+    cat = lambda xs: pd.concat(xs, ignore_index=True) if xs else pd.DataFrame()
+    return pd.DataFrame(rows), cat(curves), cat(extras), messages
+
+
+def score_matrix(runs: pd.DataFrame, column: str = "final") -> tuple[np.ndarray, list[str], list[int]]:
+    """``(num_seeds, num_tasks)`` of one method, over the seeds every one of its tasks has."""
+    pivot = runs.pivot_table(index="seed", columns="task", values=column, aggfunc="mean").dropna(axis=0)
+    return pivot.to_numpy(dtype=float), list(pivot.columns), list(pivot.index)
+
+
+def score_matrices(runs: pd.DataFrame, methods: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``{method: (num_seeds, num_tasks)}`` final scores, in ``methods`` order (default: sorted)."""
+    names = methods or sorted(runs["method"].unique())
+    return {m: score_matrix(runs[runs["method"] == m])[0] for m in names}
+
+
+def _fmt(iv: scoring.Interval | None, digits: int = 1) -> str:
+    if iv is None:
+        return "–"
+    return f"{iv.point:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
+
+
+def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Markdown-ready table (methods as rows, sorted by IQM) and long CSV rows, for one family x preset."""
+    family = runs["family"].iloc[0]
+    matrices = {m: score_matrix(g) for m, g in runs.groupby("method")}
+    aggregates = {name: scoring.stratified_bootstrap_ci(score_matrices(runs), fn, reps, 0.95, seed)
+                  for name, fn in scoring.AGGREGATES.items()}
+    tasks = sorted(runs["task"].unique())
+    table, csv = [], []
+    for m, (x, m_tasks, seeds) in matrices.items():
+        g = runs[runs["method"] == m]
+        line = {"method": m, "IQM": _fmt(aggregates["IQM"][m]), "Mean": _fmt(aggregates["Mean"][m]),
+                "Median": _fmt(aggregates["Median"][m]), "Opt. gap": _fmt(aggregates["Optimality gap"][m]),
+                "_iqm": aggregates["IQM"][m].point}
+        for name, iv in ((n, aggregates[n][m]) for n in aggregates):
+            csv.append({"method": m, "task": f"aggregate/{name}", "metric": "final", "value": iv.point,
+                        "ci_low": iv.low, "ci_high": iv.high, "seeds": len(seeds)})
+        extra_metrics = ["first", "improvement"] if family == "in-context" else ["auc", "fau_critic"]
+        for metric in extra_metrics:
+            vals = g.groupby("seed")[metric].mean().dropna().to_numpy()
+            if len(vals):
+                iv = scoring.stratified_bootstrap_ci({m: vals[:, None]}, scoring.mean, reps, 0.95, seed)[m]
+                line[{"first": "First ep.", "improvement": "In-context impr.", "auc": "AUC",
+                      "fau_critic": "Critic FAU"}[metric]] = _fmt(iv, 3 if metric == "fau_critic" else 1)
+                csv.append({"method": m, "task": "aggregate/Mean", "metric": metric, "value": iv.point,
+                            "ci_low": iv.low, "ci_high": iv.high, "seeds": len(vals)})
+        for t in tasks:
+            vals = g[g["task"] == t]["final"].to_numpy()
+            if not len(vals):
+                line[t] = "–"
+                continue
+            iv = scoring.stratified_bootstrap_ci({m: vals[:, None]}, scoring.mean, reps, 0.95, seed)[m]
+            line[t] = _fmt(iv)
+            raw = g[g["task"] == t]["raw_final"].mean()
+            csv.append({"method": m, "task": t, "metric": "final", "value": iv.point, "ci_low": iv.low,
+                        "ci_high": iv.high, "seeds": len(vals), "raw_return": raw})
+        line["Seeds"] = str(len(seeds))
+        line["Deviations from paper"] = "; ".join(sorted(set(g["deviations"]) - {""})) or "–"
+        table.append(line)
+    df = pd.DataFrame(table).sort_values(["_iqm", "method"], ascending=[False, True]).drop(columns="_iqm")
+    return df, pd.DataFrame(csv)
+
+
+def raw_table(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.pivot_table(index="method", columns="task", values="raw_final", aggfunc="mean").round(3)
+
+
+def _md(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        out.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def build_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True,
+                      seed: int = 0, reps: int = 2000) -> LeaderboardReport:
+    out = Path(out_dir or results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, curves, extras, messages = load_scores(results_dir)
+    md = ["# adapt-bench leaderboard", "",
+          "Generated by `bench leaderboard` from the run records under `runs/` only; regenerating gives the same "
+          "tables. Scores are normalised: 100 · (R − R_random) / (R_reference − R_random) per task, with the "
+          f"references stored in each run. Intervals: stratified bootstrap, 95%, {reps} replicates, seed {seed}.", ""]
+    csv_parts = []
+    report = LeaderboardReport(out / "leaderboard.md", out / "leaderboard.csv", messages=messages)
+    if runs.empty:
+        md.append("No completed runs yet. Run `bench run --suite smoke` first.")
+    for (family, preset), g in runs.groupby(["family", "preset"], sort=True):
+        what = ("final = mean normalised score over the last 10% of in-context episodes on held-out tasks; "
+                "first = the first in-context episode; in-context impr. = final − first"
+                if family == "in-context" else
+                "final = normalised return at the last evaluation; AUC = normalised area under the learning curve; "
+                "critic FAU = fraction of active units of the critic at the end of training")
+        table, csv = family_table(g, seed, reps)
+        md += [f"## {family} — preset `{preset}`", "", what + ".", "", _md(table), "",
+               "Raw returns (final, mean over seeds):", "", _md(raw_table(g).reset_index()), ""]
+        csv_parts.append(csv.assign(family=family, preset=preset))
+    if messages:
+        md += ["## Not included", ""] + [f"- {m}" for m in messages] + [""]
+    report.markdown_path.write_text("\n".join(md))
+    csv_all = pd.concat(csv_parts, ignore_index=True) if csv_parts else pd.DataFrame()
+    if not csv_all.empty:
+        first = ["family", "preset", "method", "task", "metric"]
+        csv_all = csv_all[first + [c for c in csv_all.columns if c not in first]]
+        csv_all = csv_all.sort_values(first, kind="stable")
+    csv_all.to_csv(report.csv_path, index=False, float_format="%.6g")
+    if plots and not runs.empty:
+        from bench import plots as plotting
+
+        report.plot_paths = plotting.save_all(runs, curves, extras, out / "plots", seed=seed, reps=reps)
+    return report

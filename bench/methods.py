@@ -1,0 +1,64 @@
+"""The method registry, filled from the entry-point group ``adapt_bench.methods`` (built-ins included)."""
+
+from __future__ import annotations
+
+from bench.method import Method
+from bench.registry import AdaptBenchError, DuplicateNameError, Registry, iter_entry_points
+
+ENTRY_POINT_GROUP = "adapt_bench.methods"
+# Used when running from a source checkout without the distribution installed; the installed distribution
+# declares the same targets in pyproject.toml.
+_BUILTIN = {
+    "random": "baselines.reference:RandomMethod",
+    "oracle": "baselines.reference:OracleMethod",
+}
+
+
+def _prepare(name: str, obj: object) -> Method:
+    """An entry point may name a Method instance or a class whose no-argument constructor makes one."""
+    if isinstance(obj, type):
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise AdaptBenchError(f"method `{name}`: cannot instantiate {obj.__name__}() ({e})") from None
+    if not isinstance(obj, Method):
+        raise AdaptBenchError(f"method `{name}` ({obj!r}) does not implement name / supports(task) / run(ctx)")
+    if obj.name != name:
+        raise AdaptBenchError(f"method registered as `{name}` calls itself `{obj.name}`")
+    return obj
+
+
+_registry: Registry[Method] | None = None
+
+
+def method_registry() -> Registry[Method]:
+    """All methods: built-ins plus every installed plugin (entry points are read once, objects loaded lazily)."""
+    global _registry
+    if _registry is None:
+        reg: Registry[Method] = Registry("method", hint="Run `bench list methods`.", prepare=_prepare)
+        seen: dict[str, tuple[str, str]] = {}
+        for name, target in _BUILTIN.items():
+            seen[name] = (target, "adapt-bench")
+        for name, target, dist in iter_entry_points(ENTRY_POINT_GROUP):
+            if name in seen:
+                if seen[name] == (target, dist) or (dist == "adapt-bench" and seen[name][0] == target):
+                    continue
+                raise DuplicateNameError(
+                    f"method `{name}` is declared twice: by `{seen[name][1]}` ({seen[name][0]}) and by "
+                    f"`{dist}` ({target}). Uninstall one of them or rename its method."
+                )
+            seen[name] = (target, dist)
+        for name, (target, dist) in seen.items():
+            reg.register(name, target, dist)
+        _registry = reg
+    return _registry
+
+
+def get_method(name: str) -> Method:
+    return method_registry().get(name)
+
+
+def reset_registry() -> None:
+    """Forget discovered plugins (tests install and uninstall packages)."""
+    global _registry
+    _registry = None

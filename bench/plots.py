@@ -1,0 +1,147 @@
+"""Leaderboard plots (seaborn). Each plot function takes data and returns the figure; ``save_all`` saves.
+
+As in rliable's ``plot_utils.py``: the caller owns the file; axes are labelled with units and the preset is in
+every title.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)  # headless; does nothing if a backend is already in use
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from bench import scoring  # noqa: E402
+from bench.leaderboard import score_matrices  # noqa: E402
+
+
+def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str) -> plt.Figure:
+    tasks = sorted(curves["task"].unique())
+    cols = min(4, len(tasks))
+    rows = int(np.ceil(len(tasks) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    methods = sorted(curves["method"].unique())
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    for ax, task in zip(axes.flat, tasks):
+        d = curves[curves["task"] == task]
+        sns.lineplot(data=d, x=x, y=y, hue="method", hue_order=[m for m in methods if m in set(d["method"])],
+                     palette=palette, errorbar=("ci", 95), n_boot=500, seed=0, ax=ax)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=palette[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(methods)), frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def in_context_curves(curves: pd.DataFrame, preset: str) -> plt.Figure:
+    """Normalised return per in-context episode on held-out tasks; bands: 95% CI over seeds."""
+    return _facet_curves(curves, "step", "score", "in-context episode", "normalised return (%)",
+                         f"In-context learning on held-out tasks — preset `{preset}`")
+
+
+def control_curves(curves: pd.DataFrame, preset: str) -> plt.Figure:
+    """Evaluation return against environment frames; bands: 95% CI over seeds."""
+    return _facet_curves(curves, "step", "raw", "environment frames", "episode return",
+                         f"Learning curves — preset `{preset}`")
+
+
+def metric_curves(extras: pd.DataFrame, key: str, preset: str, ylabel: str) -> plt.Figure:
+    d = extras[extras["key"] == key]
+    return _facet_curves(d, "step", "value", "environment frames", ylabel, f"{key} — preset `{preset}`")
+
+
+def interval_estimates(intervals: dict[str, dict[str, scoring.Interval]], title: str) -> plt.Figure:
+    """rliable-style interval plot: one panel per aggregate, one bar per method (point and 95% CI)."""
+    names = list(intervals)
+    methods = sorted(next(iter(intervals.values())), key=lambda m: -intervals["IQM"][m].point)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 0.5 * len(methods) + 1.6), squeeze=False)
+    colors = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    for ax, name in zip(axes.flat, names):
+        for i, m in enumerate(methods):
+            iv = intervals[name][m]
+            ax.barh(i, iv.high - iv.low, left=iv.low, height=0.6, color=colors[m], alpha=0.75)
+            ax.vlines(iv.point, i - 0.3, i + 0.3, color="black", lw=1.5)
+        ax.set_yticks(range(len(methods)), methods if ax is axes.flat[0] else [""] * len(methods))
+        ax.set_title(name)
+        ax.set_xlabel("normalised score (%)")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def probability_of_improvement(pois: dict[tuple[str, str], scoring.Interval], title: str) -> plt.Figure:
+    """P(X > Y) with 95% CI for each pair (X, Y)."""
+    pairs = list(pois)
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(pairs) + 1.6))
+    for i, (x, y) in enumerate(pairs):
+        iv = pois[(x, y)]
+        ax.barh(i, iv.high - iv.low, left=iv.low, height=0.6, color="tab:blue", alpha=0.7)
+        ax.vlines(iv.point, i - 0.3, i + 0.3, color="black", lw=1.5)
+    ax.set_yticks(range(len(pairs)), [f"P({x} > {y})" for x, y in pairs])
+    ax.axvline(0.5, color="grey", ls="--", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability of improvement")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out: Path, seed: int = 0,
+             reps: int = 2000) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+
+    def save(fig: plt.Figure, name: str) -> None:
+        path = out / name
+        # no timestamp or version in the file, so a regenerated plot is byte-identical
+        fig.savefig(path, dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        paths.append(path)
+
+    with sns.axes_style("whitegrid"):
+        for (family, preset), g in curves.groupby(["family", "preset"], sort=True):
+            tag = f"{family}-{preset}"
+            fig = (in_context_curves if family == "in-context" else control_curves)(g, preset)
+            save(fig, f"{tag}-curves.png")
+            r = runs[(runs["family"] == family) & (runs["preset"] == preset)]
+            matrices = score_matrices(r)
+            intervals = {n: scoring.stratified_bootstrap_ci(matrices, fn, reps, 0.95, seed)
+                         for n, fn in scoring.AGGREGATES.items()}
+            save(interval_estimates(intervals, f"Aggregate scores ({family}) — preset `{preset}`"),
+                 f"{tag}-aggregates.png")
+            ranked = sorted(matrices, key=lambda m: -intervals["IQM"][m].point)
+            best = ranked[0]
+            pois = {}
+            for other in ranked[1:]:
+                common = _common_tasks(r, best, other)
+                if common:
+                    x, y = score_matrices(r[r["task"].isin(common)], [best, other]).values()
+                    pois[(best, other)] = scoring.stratified_bootstrap_poi(x, y, reps, 0.95, seed)
+            if pois:
+                save(probability_of_improvement(pois, f"Probability of improvement ({family}) — preset `{preset}`"),
+                     f"{tag}-improvement-probability.png")
+            e = extras[(extras["family"] == family) & (extras["preset"] == preset)] if not extras.empty else extras
+            if family == "control" and not e.empty:
+                for key in sorted(k for k in e["key"].unique() if k.startswith("fau/")):
+                    save(metric_curves(e, key, preset, "fraction of active units"), f"{tag}-{key.replace('/', '-')}.png")
+    return paths
+
+
+def _common_tasks(runs: pd.DataFrame, a: str, b: str) -> list[str]:
+    ta = set(runs[runs["method"] == a]["task"])
+    tb = set(runs[runs["method"] == b]["task"])
+    return sorted(ta & tb)

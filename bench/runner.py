@@ -1,0 +1,298 @@
+"""Plan a sweep (suite x preset x methods x tasks x seeds), run its cells, store each as one record.
+
+Each cell is a :class:`Cell`; its id is a hash of (method, config, task id, seed, preset), so re-running the
+same command finds finished cells in the store and skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import socket
+import subprocess
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.config import check_preset, config_to_dict, resolve_config
+from bench.method import ArtifactCache, RunContext, RunLogger, stable_hash, support_reason
+from bench.methods import get_method, method_registry
+from bench.registry import AdaptBenchError, UnknownNameError
+from bench.store import ResultsStore
+
+EVAL_KEY = "eval/return"
+
+
+# ---------------------------------------------------------------------------------------------- suites
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    preset: str
+    methods: tuple[str, ...]
+    tasks: tuple[str, ...]
+    seeds: int
+
+
+@cache
+def suites() -> dict[str, Suite]:
+    data = tomllib.loads(resources.files("bench").joinpath("suites.toml").read_text())
+    return {
+        name: Suite(name, s["description"], s["preset"], tuple(s["methods"]), tuple(s["tasks"]), int(s["seeds"]))
+        for name, s in data.items()
+    }
+
+
+def get_suite(name: str) -> Suite:
+    table = suites()
+    if name not in table:
+        raise UnknownNameError("suite", name, list(table), "Run `bench list suites`.")
+    return table[name]
+
+
+def expand_tasks(patterns: tuple[str, ...] | list[str]) -> list[str]:
+    from tasks import get_task, list_tasks
+
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("family:"):
+            family = pattern.removeprefix("family:")
+            ids = [s.id for s in list_tasks() if s.family == family]
+            if not ids:
+                raise UnknownNameError("task family", family, sorted({s.family for s in list_tasks()}))
+            out += ids
+        else:
+            out.append(get_task(pattern).id)
+    return list(dict.fromkeys(out))
+
+
+def expand_methods(patterns: tuple[str, ...] | list[str]) -> list[str]:
+    reg = method_registry()
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern == "*":
+            out += reg.names()
+        else:
+            reg.get(pattern)  # raises with close matches
+            out.append(pattern)
+    return list(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    task: str
+    seed: int
+    preset: str
+    config: dict[str, Any] | None
+    overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def run_id(self) -> str:
+        key = {"method": self.method, "config": self.config, "task": self.task, "seed": self.seed,
+               "preset": self.preset}
+        return f"{self.method}.{self.task}.s{self.seed}.{stable_hash(key, 10)}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/{self.task}/seed{self.seed}"
+
+
+@dataclass
+class Plan:
+    cells: list[Cell]
+    skipped: list[tuple[str, str, str]]  # (method, task, reason)
+    preset: str
+
+
+def make_plan(
+    methods: list[str],
+    tasks: list[str],
+    seeds: list[int],
+    preset: str,
+    overrides: dict[str | None, dict[str, str]] | None = None,
+) -> Plan:
+    """Validate every name and override, then list the cells; unsupported pairs are skipped with a reason."""
+    from tasks import get_task
+
+    check_preset(preset)
+    overrides = overrides or {}
+    for target in overrides:
+        if target is not None and target not in methods:
+            raise UnknownNameError("method in override", target, methods)
+    global_over = overrides.get(None, {})
+    cells, skipped = [], []
+    configs = {}
+    for m in methods:
+        method = get_method(m)
+        own = dict(overrides.get(m, {}))
+        cls = getattr(method, "Config", None)
+        # a bare `field=value` applies to every method that has that field
+        if cls is not None:
+            names = {f for f in getattr(cls, "__dataclass_fields__", {})}
+            own = {**{k: v for k, v in global_over.items() if k in names}, **own}
+        configs[m] = (resolve_config(method, preset, own), own)
+    if global_over:
+        unused = [k for k in global_over if not any(
+            k in getattr(getattr(get_method(m), "Config", None), "__dataclass_fields__", {}) for m in methods)]
+        if unused:
+            from bench.config import ConfigError
+
+            raise ConfigError(f"override field(s) {unused} belong to no planned method's config")
+    for t in tasks:
+        spec = get_task(t)
+        for m in methods:
+            reason = support_reason(get_method(m), spec)
+            if reason is not None:
+                skipped.append((m, t, reason))
+                continue
+            config, own = configs[m]
+            for s in seeds:
+                cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own))
+    return plan_dedup(Plan(cells, skipped, preset))
+
+
+def plan_dedup(plan: Plan) -> Plan:
+    seen, cells = set(), []
+    for c in plan.cells:
+        if c.run_id not in seen:
+            seen.add(c.run_id)
+            cells.append(c)
+    plan.cells = cells
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+@cache
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info() -> dict[str, Any]:
+    versions = {}
+    for dist in ("adapt-bench", "torch", "gymnasium", "mujoco", "dm-control", "minigrid", "numpy", "pandas"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"versions": versions, "python": platform.python_version(), "git_commit": _git_commit(),
+            "host": socket.gethostname(), "platform": platform.platform()}
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class CellResult:
+    run_id: str
+    label: str
+    status: str  # ok | failed
+    reason: str | None
+    wall_time_s: float
+
+
+def execute_cell(
+    cell: Cell,
+    results_root: str,
+    cache_root: str,
+    torch_threads: int = 1,
+    device: str = "auto",
+    progress=None,
+) -> CellResult:
+    """Run one cell and store its record; never raises for a method's own errors (they become failed runs)."""
+    import torch
+
+    from tasks import get_task
+    from tasks.references import get_references
+
+    t0 = time.time()
+    store = ResultsStore(results_root)
+    spec = get_task(cell.task)
+    method = get_method(cell.method)
+    config = resolve_config(method, cell.preset, cell.overrides)
+    if config_to_dict(config) != cell.config:
+        raise AdaptBenchError(f"{cell.label}: config resolved in the worker differs from the plan")
+    torch.set_num_threads(torch_threads)
+    seed_everything(cell.seed)
+    cache_dir = Path(cache_root)
+    logger = RunLogger()
+    status, reason, tb = "ok", None, None
+    refs = None
+    try:
+        refs = get_references(spec, cell.preset, cache_dir)
+        ctx = RunContext(
+            task=spec, seed=cell.seed, preset=cell.preset, budget=spec.budget(cell.preset), config=config,
+            device=resolve_device(device), log=logger, checkpoint_dir=cache_dir / "checkpoints" / cell.run_id,
+            cache=ArtifactCache(cache_dir / "artifacts"), rng=np.random.default_rng(cell.seed),
+            torch_threads=torch_threads,
+            progress_fn=(lambda f, msg: progress(cell.run_id, f, msg)) if progress else None,
+        )
+        ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        method.run(ctx)
+    except Exception as e:  # a method's failure is a result, not a crash of the sweep
+        status, reason, tb = "failed", f"{type(e).__name__}: {e}", traceback.format_exc()
+    if status == "ok" and not any(r["key"] == EVAL_KEY for r in logger.rows):
+        status, reason = "failed", f"no evaluation rows: the method logged no `{EVAL_KEY}`"
+    wall = time.time() - t0
+    meta = {
+        "deviations": paper_deviations(method, config), "status": status, "reason": reason, "traceback": tb,
+        "method": cell.method, "method_provider": method_registry().provider(cell.method),
+        "config": cell.config, "overrides": cell.overrides, "preset": cell.preset,
+        "task": spec.id, "task_version": spec.version, "family": spec.family, "seed": cell.seed,
+        "references": None if refs is None else refs.__dict__,
+        "device": resolve_device(device), "torch_threads": torch_threads,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "wall_time_s": round(wall, 3),
+        **environment_info(),
+    }
+    store.write(cell.run_id, meta, logger.rows)
+    if status == "ok":
+        import shutil
+
+        shutil.rmtree(cache_dir / "checkpoints" / cell.run_id, ignore_errors=True)
+    return CellResult(cell.run_id, cell.label, status, reason, wall)
+
+
+def paper_deviations(method: Any, config: Any) -> dict[str, list[Any]]:
+    """``{field: [paper value, used value]}`` for every field this run's config changes from the paper's."""
+    if config is None:
+        return {}
+    paper = config_to_dict(type(config)()) or {}
+    used = config_to_dict(config) or {}
+    return {k: [paper[k], used[k]] for k in used if paper.get(k) != used[k]}
+
+
+def default_torch_threads(workers: int) -> int:
+    # Under contention, two threads per process slow small networks down by orders of magnitude:
+    # split the cores between workers, one thread each at least.
+    return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -1,0 +1,307 @@
+"""The harness end to end: plans, the store, resume, failures, bad input, the reference methods."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from bench.config import ConfigError, apply_overrides, parse_set_args, resolve_config
+from bench.method import ArtifactCache, RunLogger
+from bench.methods import method_registry
+from bench.registry import DuplicateNameError, Registry, UnknownNameError
+from bench.runner import make_plan
+from bench.store import CorruptRecordError, ResultsStore
+
+
+# ---------------------------------------------------------------------------------------------- test methods
+@dataclass
+class _Cfg:
+    lr: float = 3e-4
+    """learning rate"""
+    layers: int = 4
+    """number of layers"""
+    use_aug: bool = True
+    """augmentation switch"""
+
+
+class _Boom:
+    name = "test-boom"
+
+    def supports(self, task):
+        return task.family == "in-context" or "in-context only"
+
+    def run(self, ctx):
+        ctx.log(0, {"eval/return": 1.0}, axis="episode")
+        raise RuntimeError("exploded on purpose")
+
+
+class _NaN:
+    name = "test-nan"
+
+    def supports(self, task):
+        return True
+
+    def run(self, ctx):
+        ctx.log(0, {"eval/return": float("nan")}, axis="episode")
+
+
+class _Silent:
+    name = "test-silent"
+
+    def supports(self, task):
+        return True
+
+    def run(self, ctx):
+        ctx.log(0, {"losses/x": 1.0})
+
+
+class _Configured:
+    name = "test-configured"
+    Config = _Cfg
+    presets = {"smoke": {"layers": 1}}
+
+    def supports(self, task):
+        return True
+
+    def run(self, ctx):
+        assert ctx.config.layers == 1  # the smoke preset applied
+        ctx.log(0, {"eval/return": 0.0}, axis="episode")
+
+
+@pytest.fixture
+def test_methods():
+    reg = method_registry()
+    for m in (_Boom(), _NaN(), _Silent(), _Configured()):
+        reg.register(m.name, m, "tests", replace=True)
+    yield
+    for m in ("test-boom", "test-nan", "test-silent", "test-configured"):
+        reg._entries.pop(m, None)
+
+
+def _run(results_dir, cache_dir, *args) -> int:
+    return main(["run", "--results-dir", str(results_dir), "--cache-dir", str(cache_dir), *args])
+
+
+# ---------------------------------------------------------------------------------------------- registry / config
+def test_registry_close_matches_and_duplicates():
+    reg: Registry[int] = Registry("task", hint="Run `bench list tasks`.")
+    reg.register("DarkRoom-v0", 1, "adapt-bench")
+    with pytest.raises(UnknownNameError, match=r"Unknown task `DarkRom-v0`\. Did you mean `DarkRoom-v0`\?"):
+        reg.get("DarkRom-v0")
+    with pytest.raises(DuplicateNameError, match="adapt-bench.*other-dist"):
+        reg.register("DarkRoom-v0", 2, "other-dist")
+
+
+def test_unknown_task_suggests():
+    from tasks import get_task
+
+    with pytest.raises(UnknownNameError, match="Did you mean `DarkRoom-v0`"):
+        get_task("DarkRom-v0")
+
+
+def test_config_overrides_typed_and_validated():
+    cfg = _Cfg()
+    new = apply_overrides(cfg, {"lr": "1e-3", "layers": "2", "use_aug": "false"}, "m")
+    assert (new.lr, new.layers, new.use_aug) == (1e-3, 2, False)
+    with pytest.raises(ConfigError, match="unknown config field `layer`.*Did you mean `layers`"):
+        apply_overrides(cfg, {"layer": "2"}, "m")
+    with pytest.raises(ConfigError, match="`layers` expects an int, got '2.5'"):
+        apply_overrides(cfg, {"layers": "2.5"}, "m")
+    with pytest.raises(ConfigError, match="`use_aug` expects a bool"):
+        apply_overrides(cfg, {"use_aug": "maybe"}, "m")
+    assert parse_set_args(["lr=1", "drqv2.batch=64"]) == {None: {"lr": "1"}, "drqv2": {"batch": "64"}}
+    with pytest.raises(ConfigError):
+        parse_set_args(["novalue"])
+    assert resolve_config(_Configured(), "smoke").layers == 1
+    assert resolve_config(_Configured(), "paper").layers == 4
+
+
+def test_logger_rejects_nan_and_bad_axis():
+    log = RunLogger()
+    with pytest.raises(ValueError, match="nan"):
+        log(3, {"eval/return": math.nan})
+    with pytest.raises(ValueError, match="axis"):
+        log(3, {"eval/return": 1.0}, axis="frames")
+
+
+def test_artifact_cache_builds_once_and_rejects_stale(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    calls = []
+
+    def build(d):
+        calls.append(1)
+        (d / "data.npy").write_bytes(b"x" * 10)
+
+    p1 = cache.get_or_build("hist", {"task": "DarkRoom-v0", "seed": 0}, build)
+    p2 = cache.get_or_build("hist", {"task": "DarkRoom-v0", "seed": 0}, build)
+    assert p1 == p2 and len(calls) == 1
+    # another key (task version, preset) is another artifact, never the same one reused
+    p3 = cache.get_or_build("hist", {"task": "DarkRoom-v1", "seed": 0}, build)
+    assert p3 != p1 and len(calls) == 2
+    # a truncated artifact is detected by its validator and rebuilt
+    (p1 / "data.npy").write_bytes(b"x")
+    cache.get_or_build("hist", {"task": "DarkRoom-v0", "seed": 0}, build,
+                       validate=lambda d: (d / "data.npy").stat().st_size == 10)
+    assert len(calls) == 3
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------- store
+def _meta(**kw):
+    return {"status": "ok", "method": "m", "task": "DarkRoom-v0", "seed": 0, "preset": "smoke", **kw}
+
+
+def test_store_atomic_roundtrip_and_corruption(tmp_path):
+    store = ResultsStore(tmp_path)
+    rows = [{"axis": "episode", "step": i, "key": "eval/return", "value": float(i)} for i in range(5)]
+    store.write("r1", _meta(), rows)
+    rec = store.read("r1")
+    assert rec.curve["value"].tolist() == [0, 1, 2, 3, 4]
+    assert not list((tmp_path / "runs").glob(".tmp-*"))
+    # truncated curve
+    p = tmp_path / "runs" / "r1" / "curve.parquet"
+    p.write_bytes(p.read_bytes()[:-20])
+    with pytest.raises(CorruptRecordError, match="r1.*checksum"):
+        store.read("r1")
+    # broken JSON
+    store.write("r2", _meta(), rows)
+    (tmp_path / "runs" / "r2" / "meta.json").write_text('{"status": "ok", "run_')
+    with pytest.raises(CorruptRecordError, match="not valid JSON"):
+        store.read("r2")
+    assert store.status("r2") == "corrupt"
+    errors = [r for r in store.iter_records() if isinstance(r, CorruptRecordError)]
+    assert len(errors) == 2
+
+
+def test_store_cleans_tmp_of_dead_process(tmp_path):
+    store = ResultsStore(tmp_path)
+    dead = tmp_path / "runs" / ".tmp-r9-999999999-abcdef12"
+    dead.mkdir(parents=True)
+    (dead / "meta.json").write_text("{")
+    assert store.run_ids() == []
+    store.cleanup_stale()
+    assert not dead.exists()
+
+
+def test_unwritable_results_root_fails_before_running(tmp_path, cache_dir, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = _run(blocker, cache_dir, "--methods", "random", "--tasks", "DarkRoom-v0")
+    assert code == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def test_reference_methods_score_zero_and_hundred(results_dir, cache_dir):
+    assert _run(results_dir, cache_dir, "--methods", "random,oracle", "--tasks", "DarkRoom-v0,DarkKeyToDoor-v0",
+                "--preset", "quick", "--seeds", "2") == 0
+    from bench.leaderboard import load_scores
+
+    runs, curves, _, messages = load_scores(results_dir)
+    assert not messages and len(runs) == 8
+    oracle = runs[runs["method"] == "oracle"]
+    np.testing.assert_allclose(curves[curves["method"] == "oracle"]["score"], 100.0)
+    assert (oracle["final"] == 100).all()
+    rnd = runs[runs["method"] == "random"]
+    assert rnd["final"].abs().max() < 10, rnd[["task", "final"]]
+
+
+def test_rerun_skips_finished_and_records_are_traceable(results_dir, cache_dir, capsys):
+    args = ("--methods", "random", "--tasks", "DarkRoom-v0", "--seeds", "2")
+    assert _run(results_dir, cache_dir, *args) == 0
+    store = ResultsStore(results_dir)
+    ids = store.run_ids()
+    mtimes = {i: (results_dir / "runs" / i / "meta.json").stat().st_mtime_ns for i in ids}
+    capsys.readouterr()
+    assert _run(results_dir, cache_dir, *args) == 0
+    assert "2 already stored, 0 to run" in capsys.readouterr().err
+    assert {i: (results_dir / "runs" / i / "meta.json").stat().st_mtime_ns for i in ids} == mtimes
+    meta = json.loads((results_dir / "runs" / ids[0] / "meta.json").read_text())
+    for key in ("method", "config", "preset", "task", "task_version", "seed", "versions", "git_commit", "device",
+                "wall_time_s", "references"):
+        assert key in meta, key
+    for dist in ("adapt-bench", "torch", "gymnasium", "mujoco", "dm-control"):
+        assert dist in meta["versions"]
+
+
+def test_failures_are_stored_sweep_goes_on_and_retry(results_dir, cache_dir, test_methods, capsys):
+    code = _run(results_dir, cache_dir, "--methods", "test-boom,test-nan,test-silent,random",
+                "--tasks", "DarkRoom-v0")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "FAILED test-boom/DarkRoom-v0/seed0: RuntimeError: exploded on purpose" in err
+    assert "--retry-failed" in err
+    store = ResultsStore(results_dir)
+    metas = {store.read_meta(i)["method"]: store.read_meta(i) for i in store.run_ids()}
+    assert metas["random"]["status"] == "ok"
+    assert metas["test-boom"]["status"] == "failed" and "exploded on purpose" in metas["test-boom"]["traceback"]
+    assert metas["test-nan"]["status"] == "failed" and "nan" in metas["test-nan"]["reason"]
+    assert metas["test-silent"]["reason"].startswith("no evaluation rows")
+    # failed runs are never scored
+    from bench.leaderboard import load_scores
+
+    runs, _, _, messages = load_scores(results_dir)
+    assert set(runs["method"]) == {"random"} and len(messages) == 3
+    # without --retry-failed the failures stay (and the exit status says so); with it they run again
+    assert _run(results_dir, cache_dir, "--methods", "test-boom", "--tasks", "DarkRoom-v0") == 1
+    before = store.read_meta(metas["test-boom"]["run_id"])["started"]
+    assert _run(results_dir, cache_dir, "--methods", "test-boom", "--tasks", "DarkRoom-v0", "--retry-failed") == 1
+    assert store.status(metas["test-boom"]["run_id"]) == "failed"
+    assert store.read_meta(metas["test-boom"]["run_id"])["started"] >= before
+
+
+def test_unsupported_pairs_are_skipped_with_reason(test_methods, capsys, results_dir, cache_dir):
+    plan = make_plan(["test-boom", "oracle"], ["DarkRoom-v0", "DMC-cartpole-swingup-v0"], [0], "smoke")
+    reasons = {(m, t): r for m, t, r in plan.skipped}
+    assert reasons[("test-boom", "DMC-cartpole-swingup-v0")] == "in-context only"
+    assert "planner" in reasons[("oracle", "DMC-cartpole-swingup-v0")]
+    assert main(["run", "--methods", "oracle", "--tasks", "DMC-cartpole-swingup-v0", "--dry-run",
+                 "--results-dir", str(results_dir)]) == 0
+    assert "skip    oracle/DMC-cartpole-swingup-v0" in capsys.readouterr().out
+
+
+def test_config_presets_and_overrides_change_run_id(test_methods):
+    a = make_plan(["test-configured"], ["DarkRoom-v0"], [0], "smoke").cells[0]
+    b = make_plan(["test-configured"], ["DarkRoom-v0"], [0], "smoke", {None: {"lr": "0.1"}}).cells[0]
+    c = make_plan(["test-configured"], ["DarkRoom-v0"], [1], "smoke").cells[0]
+    assert len({a.run_id, b.run_id, c.run_id}) == 3
+    assert a.config["layers"] == 1 and b.config["lr"] == 0.1
+    with pytest.raises(ConfigError, match="no planned method"):
+        make_plan(["random"], ["DarkRoom-v0"], [0], "smoke", {None: {"lr": "0.1"}})
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--methods", "randm", "--tasks", "DarkRoom-v0"], "Did you mean `random`"),
+        (["run", "--methods", "random", "--tasks", "DarkRom-v0"], "Did you mean `DarkRoom-v0`"),
+        (["run", "--suite", "smok"], "Did you mean `smoke`"),
+        (["run", "--suite", "smoke", "--preset", "quik"], "Did you mean `quick`"),
+        (["run", "--suite", "smoke", "--set", "nosuchfield=1"], "nosuchfield"),
+    ],
+)
+def test_bad_input_exits_2_with_close_matches(args, needle, capsys, results_dir):
+    assert main([*args, "--results-dir", str(results_dir), "--dry-run"]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_leaderboard_regenerates_identically(results_dir, cache_dir):
+    assert _run(results_dir, cache_dir, "--methods", "random,oracle", "--tasks", "DarkRoom-v0", "--seeds", "3") == 0
+    assert main(["leaderboard", "--results-dir", str(results_dir), "--reps", "200"]) == 0
+    md1 = (results_dir / "leaderboard.md").read_text()
+    csv1 = (results_dir / "leaderboard.csv").read_text()
+    plots = sorted(p.name for p in (results_dir / "plots").glob("*.png"))
+    assert "in-context-smoke-curves.png" in plots and "in-context-smoke-aggregates.png" in plots
+    assert main(["leaderboard", "--results-dir", str(results_dir), "--reps", "200"]) == 0
+    assert (results_dir / "leaderboard.md").read_text() == md1
+    assert (results_dir / "leaderboard.csv").read_text() == csv1
+    table = pd.read_csv(results_dir / "leaderboard.csv")
+    iqm = table[(table["task"] == "aggregate/IQM") & (table["metric"] == "final")].set_index("method")["value"]
+    assert iqm["oracle"] == pytest.approx(100.0)
+    assert md1.index("| oracle") < md1.index("| random")  # sorted by the aggregate

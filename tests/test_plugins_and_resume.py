@@ -1,0 +1,111 @@
+"""Real processes: a third-party plugin installed with pip, duplicate names, SIGKILL mid-sweep and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.store import ResultsStore
+from tests.conftest import ROOT, bench_cli
+
+EXAMPLE = ROOT / "examples" / "adapt-bench-example-plugin"
+
+
+def _pip_install(src: Path, target: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory) -> Path:
+    """The README's example plugin, really installed (into a private target directory)."""
+    target = tmp_path_factory.mktemp("site")
+    _pip_install(EXAMPLE, target)
+    return target
+
+
+def _env(*paths: Path, cache: Path) -> dict:
+    return {"PYTHONPATH": os.pathsep.join(str(p) for p in paths), "ADAPT_BENCH_CACHE": str(cache)}
+
+
+def test_plugin_round_trip(plugin_path, tmp_path, cache_dir):
+    env = _env(plugin_path, cache=cache_dir)
+    listed = bench_cli("list", "methods", env=env, check=True).stdout
+    assert "sticky-random" in listed and "adapt-bench-example-plugin" in listed
+    res = tmp_path / "results"
+    bench_cli("run", "--methods", "sticky-random,random", "--tasks", "DarkRoom-v0", "--seeds", "2",
+              "--results-dir", str(res), env=env, check=True)
+    bench_cli("leaderboard", "--results-dir", str(res), "--reps", "100", env=env, check=True)
+    board = (res / "leaderboard.md").read_text()
+    assert "| sticky-random" in board and "| random" in board
+    metas = [ResultsStore(res).read_meta(i) for i in ResultsStore(res).run_ids()]
+    sticky = [m for m in metas if m["method"] == "sticky-random"]
+    assert sticky[0]["method_provider"] == "adapt-bench-example-plugin"
+    assert sticky[0]["config"] == {"repeat": 2} and sticky[0]["deviations"] == {"repeat": [4, 2]}
+
+
+def test_two_distributions_same_method_name(plugin_path, tmp_path, cache_dir):
+    clash = tmp_path / "clash"
+    (clash / "clash_pkg").mkdir(parents=True)
+    (clash / "clash_pkg" / "__init__.py").write_text("from adapt_bench_example import StickyRandom as Impostor\n")
+    (clash / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "clash-plugin"
+        version = "0.0.1"
+        [project.entry-points."adapt_bench.methods"]
+        sticky-random = "clash_pkg:Impostor"
+        [tool.setuptools]
+        packages = ["clash_pkg"]
+        """))
+    target = tmp_path / "site2"
+    _pip_install(clash, target)
+    proc = bench_cli("list", "methods", env=_env(plugin_path, target, cache=cache_dir))
+    assert proc.returncode == 2
+    assert "adapt-bench-example-plugin" in proc.stderr and "clash-plugin" in proc.stderr
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path, cache_dir):
+    """Kill `bench run` with SIGKILL after its first stored run; nothing partial remains and a re-run finishes."""
+    res = tmp_path / "results"
+    args = ["run", "--methods", "random", "--tasks", "DarkKeyToDoor-v0", "--preset", "quick", "--seeds", "4",
+            "--results-dir", str(res)]
+    env = {**os.environ, "ADAPT_BENCH_CACHE": str(cache_dir)}
+    # warm the reference cache so the timing below is about runs
+    bench_cli("list", "tasks", env={"ADAPT_BENCH_CACHE": str(cache_dir)}, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = ResultsStore(res)
+    deadline = time.time() + 300
+    while time.time() < deadline and not store.run_ids():
+        time.sleep(0.05)
+    assert store.run_ids(), "no run finished in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = store.run_ids()
+    assert 1 <= len(done_before) < 4
+    for run_id in done_before:  # every visible record is complete and verifies
+        assert store.read(run_id).status == "ok"
+    resumed = bench_cli(*args, env={"ADAPT_BENCH_CACHE": str(cache_dir)}, check=True)
+    assert f"{len(done_before)} already stored, {4 - len(done_before)} to run" in resumed.stderr
+    assert len(store.run_ids()) == 4
+    assert not list((res / "runs").glob(".tmp-*"))
+
+
+def test_process_pool_workers(tmp_path, cache_dir):
+    res = tmp_path / "results"
+    proc = bench_cli("run", "--methods", "random,oracle", "--tasks", "DarkRoom-v0", "--seeds", "2",
+                     "--workers", "2", "--results-dir", str(res), env={"ADAPT_BENCH_CACHE": str(cache_dir)},
+                     check=True)
+    assert "[4/4]" in proc.stderr
+    metas = [ResultsStore(res).read_meta(i) for i in ResultsStore(res).run_ids()]
+    assert len(metas) == 4 and all(m["status"] == "ok" and m["torch_threads"] >= 1 for m in metas)

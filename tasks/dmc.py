@@ -17,10 +17,13 @@ zoomed-in camera). After ``reset`` the stack holds the first frame ``frame_stack
 Frames are rendered *cheaply* by default (``fast_render=True``): the offscreen buffer is shrunk from
 DMC's 640x480 to ``size x size``, multisample anti-aliasing is turned off and the shadow map goes from
 2048 to 512 texels. Measured with Mesa's software EGL on 2 shared CPU cores over 7 tasks x 40 states,
-this renders ~2.1-2.4x faster (25.4 -> 10.8 ms per frame on average) and changes a pixel by 0.83 on
-average in [0, 255] units (per task 0.57-1.59, reacher-easy the largest: its thin links alias most);
-only edge pixels change (4-12% of them), shadows are not visibly different. ``fast_render`` is part of
-the registered kwargs, so the task version pins it; ``fast_render=False`` gives DMC's default pixels.
+a frame renders ~2.4x faster (25.4 -> 10.8 ms on average; whole env steps 2.5-2.7x faster in
+``tests/bench_dmc.py``) and a pixel changes by 0.83 on average in [0, 255] units (per task 0.57-1.59,
+reacher-easy the largest: its thin links alias most); only edge pixels change (4-12% of them), shadows
+are not visibly different. Keeping 4x MSAA at 84x84 changes pixels by only 0.02 but is just ~1.3x
+faster (here 1 and 2 samples render exactly as 4); shadow maps below 512 gain nothing more.
+``fast_render`` is part of the registered kwargs, so the task version pins it; ``fast_render=False``
+gives DMC's default pixels.
 
 ## Action
 

@@ -226,6 +226,14 @@ class GridCore:
         """``(reward float32, terminated bool)`` for agents now on ``cell``; only ``active`` envs may score."""
         raise NotImplementedError
 
+    @property
+    def num_envs(self) -> int:
+        return self.n
+
+    def expert_actions(self) -> np.ndarray:
+        """Shortest-path actions for every env (the :class:`tasks.spec.BatchedCore` protocol)."""
+        return plan_batch(self)
+
     def target_cell(self) -> np.ndarray:
         """The cell each agent should head for now (used by :func:`plan_batch`)."""
         raise NotImplementedError
@@ -590,6 +598,7 @@ def _spec(task_id: str, env_cls: type[_GridEnv], split: tuple, what: str, quick:
         random_rollout="tasks.gridworld:random_return",
         random_episodes=100,
         planner="tasks.gridworld:planner",
+        batched_core="tasks.gridworld:core_for",
         description=description,
     )
 

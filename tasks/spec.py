@@ -11,7 +11,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+import numpy as np
 
 Family = Literal["in-context", "control"]
 ObsKind = Literal["discrete", "pixels", "state"]
@@ -67,6 +69,30 @@ class Reference:
             raise TaskSpecError("Reference needs exactly one of `value` and `compute`")
 
 
+class BatchedCore(Protocol):
+    """Many episodes of one family stepped at once; the Gymnasium env of the family is a view on one of them.
+
+    Arrays have a leading ``num_envs`` axis. An episode that ended stays frozen (reward 0, no new done flag)
+    until ``reset(mask)`` restarts it, so a rollout may step until ``done.all()``.
+    """
+
+    num_envs: int
+    done: np.ndarray
+    """``(num_envs,)`` bool: the episode ended and waits for a reset."""
+
+    def reset(self, mask: np.ndarray | None = None) -> np.ndarray:
+        """Restart all episodes (or those where ``mask``); returns every env's observation."""
+        ...
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(obs, reward float32, terminated bool, truncated bool)``."""
+        ...
+
+    def expert_actions(self) -> np.ndarray:
+        """Shortest-path actions for every env's current state (the oracle / expert)."""
+        ...
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Everything the harness needs to know about a task; see DESIGN.md "Core contracts"."""
@@ -95,6 +121,9 @@ class TaskSpec:
     (mean over ``tasks``, ``episodes`` each); the default rolls out uniform random actions through Gymnasium."""
     random_episodes: int = 100
     """Episodes (per held-out task for in-context families) behind the random reference."""
+    batched_core: str | None = None
+    """Optional ``"module:attr"`` ``f(spec, tasks) -> core``: one env per task stepped in lockstep (see
+    :class:`BatchedCore`), for data generation and batched in-context evaluation."""
     planner: str | None = None
     """Optional ``"module:attr"`` ``f(env) -> action``: a shortest-path planner on the unwrapped env (oracle)."""
     description: str = ""

@@ -265,7 +265,16 @@ class WatermazeCore:
     def observe(self) -> np.ndarray:
         return self._flat_views[self.state]
 
-    def reset(self) -> np.ndarray:
+    @property
+    def done(self) -> np.ndarray:
+        """``(n,)``: every episode ends at the same step (no termination)."""
+        return np.full(self.num_envs, self.t >= EPISODE_LENGTH)
+
+    def reset(self, mask: np.ndarray | None = None) -> np.ndarray:
+        # All episodes start and end together, so only a whole-batch reset exists; a mask that covers every
+        # env (what a generic rollout passes at the shared episode end) is accepted.
+        if mask is not None and not np.asarray(mask, dtype=bool).all():
+            raise WatermazeError("WatermazeCore episodes run in lockstep: reset all envs at once (mask all true)")
         self.state = np.full(self.num_envs, START_STATE, np.int64)
         self.t = 0
         return self.observe()
@@ -339,6 +348,11 @@ class WatermazeEnv(gym.Env[np.ndarray, np.int64]):
             self._room = _minigrid_room(self.platform)
         _set_pose(self._room, int(self.core.state[0]))
         return self._room.get_frame(highlight=True, tile_size=RENDER_TILE_SIZE)
+
+
+def core_for(spec: TaskSpec, tasks: Any) -> WatermazeCore:
+    """A batched core of the platforms ``tasks`` (the :class:`tasks.spec.BatchedCore` protocol)."""
+    return WatermazeCore(np.asarray(tasks))
 
 
 def planner(env: gym.Env) -> int:
@@ -415,6 +429,7 @@ SPECS: list[TaskSpec] = [
         random_rollout="tasks.watermaze:random_return",
         random_episodes=100,
         planner="tasks.watermaze:planner",
+        batched_core="tasks.watermaze:core_for",
         description="Invisible-platform search in a 7x7 MiniGrid room from 54x54 egocentric pixels "
         "(a stand-in for DMLab Watermaze, AD paper).",
     )

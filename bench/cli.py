@@ -6,7 +6,6 @@ Exit status: 0 success, 1 some runs failed, 2 bad input (unknown names, invalid 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -36,15 +35,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         rows = []
         for spec in list_tasks():
-            if args.no_references:
-                ref = "-"
-            else:
-                print(f"references for {spec.id} ...", file=sys.stderr, end="\r", flush=True)
-                refs = get_references(spec, args.preset, Path(args.cache_dir))
-                ref = f"random {refs.random:.4g} ({refs.random_source}); reference {refs.reference:.4g} ({refs.reference_source})"
             splits = f"{len(spec.train_tasks)}/{len(spec.test_tasks)}" if spec.train_tasks else "-"
-            rows.append([spec.id, spec.family, spec.observation, spec.actions, splits, ref])
-        print(_table(rows, ["id", "family", "observation", "actions", "train/test", "normalisation references"]))
+            row = [spec.id, spec.family, spec.observation, spec.actions, splits]
+            if not args.no_references:
+                print(f"references for {spec.id} ...", file=sys.stderr, flush=True)
+                refs = get_references(spec, args.preset, Path(args.cache_dir))
+                row += [f"{refs.random:.4g}", refs.random_source.removeprefix("measured: uniform random actions, "),
+                        f"{refs.reference:.4g}", refs.reference_source]
+            rows.append(row)
+        header = ["id", "family", "observation", "actions", "train/test"]
+        if not args.no_references:
+            header += ["R_random", "random: uniform actions,", "R_reference", "source"]
+            print(f"normalisation references for the held-out tasks of preset `{args.preset}`")
+        print(_table(rows, header))
     elif args.what == "methods":
         from bench.methods import get_method, method_registry
         from tasks import list_tasks
@@ -203,5 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

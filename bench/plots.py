@@ -21,13 +21,19 @@ from bench import scoring  # noqa: E402
 from bench.leaderboard import score_matrices  # noqa: E402
 
 
+def method_palette(methods) -> dict[str, tuple[float, float, float]]:
+    """One colour per method name, the same in every plot (methods sorted by name)."""
+    names = sorted(set(methods))
+    return dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
+
+
 def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str) -> plt.Figure:
     tasks = sorted(curves["task"].unique())
     cols = min(4, len(tasks))
     rows = int(np.ceil(len(tasks) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     methods = sorted(curves["method"].unique())
-    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    palette = method_palette(methods)
     for ax, task in zip(axes.flat, tasks):
         d = curves[curves["task"] == task]
         sns.lineplot(data=d, x=x, y=y, hue="method", hue_order=[m for m in methods if m in set(d["method"])],
@@ -68,7 +74,7 @@ def interval_estimates(intervals: dict[str, dict[str, scoring.Interval]], title:
     names = list(intervals)
     methods = sorted(next(iter(intervals.values())), key=lambda m: -intervals["IQM"][m].point)
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 0.5 * len(methods) + 1.6), squeeze=False)
-    colors = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    colors = method_palette(methods)
     for ax, name in zip(axes.flat, names):
         for i, m in enumerate(methods):
             iv = intervals[name][m]
@@ -76,6 +82,7 @@ def interval_estimates(intervals: dict[str, dict[str, scoring.Interval]], title:
             ax.vlines(iv.point, i - 0.3, i + 0.3, color="black", lw=1.5)
         ax.set_yticks(range(len(methods)), methods if ax is axes.flat[0] else [""] * len(methods))
         ax.set_title(name)
+        ax.set_ylim(len(methods) - 0.5, -0.5)  # best method on top
         ax.set_xlabel("normalised score (%)")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)

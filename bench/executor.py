@@ -12,7 +12,15 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from bench.runner import Cell, CellResult, Plan, default_torch_threads, execute_cell
+from bench.runner import (
+    Cell,
+    CellResult,
+    Plan,
+    default_torch_threads,
+    execute_cell,
+    execute_prepare,
+    prepare_groups,
+)
 from bench.store import ResultsStore
 
 
@@ -103,6 +111,21 @@ class LocalExecutor:
         self.threads = torch_threads or default_torch_threads(workers)
         self.device = device
         self.progress_every = progress_every
+
+    def prepare(self, groups: list[Cell], cache_root: str, stream: TextIO) -> None:
+        """Build shared artifacts once per group before the runs (in parallel across groups)."""
+        if not groups:
+            return
+        stream.write(f"building shared artifacts for {len(groups)} (method, task) group(s)\n")
+        if self.workers == 1:
+            errors = [execute_prepare(c, cache_root, self.threads, self.device) for c in groups]
+        else:
+            with ProcessPoolExecutor(min(self.workers, len(groups)), mp_context=mp.get_context("spawn")) as pool:
+                errors = list(pool.map(execute_prepare, groups, [cache_root] * len(groups),
+                                       [self.threads] * len(groups), [self.device] * len(groups)))
+        for cell, err in zip(groups, errors):
+            if err:
+                stream.write(f"  preparing {cell.method}/{cell.task} failed ({err}); its runs will retry\n")
 
     def run(self, cells: list[Cell], store: ResultsStore, cache_root: str, progress: Progress) -> list[CellResult]:
         if self.workers == 1:
@@ -228,6 +251,7 @@ def run_sweep(plan: Plan, store: ResultsStore, cache_root: str, executor, retry_
     if kept_failed:
         stream.write(f"{len(kept_failed)} stored failed run(s) are kept; re-run them with --retry-failed\n")
     stream.write(f"{len(plan.cells)} cells planned: {done} already stored, {len(todo)} to run\n")
+    executor.prepare(prepare_groups(todo), cache_root, stream)
     progress = Progress(total=len(todo), stream=stream)
     results = executor.run(todo, store, cache_root, progress) if todo else []
     return SweepSummary(len(plan.cells), done, results)

@@ -8,6 +8,10 @@ A method may also carry two optional class attributes:
 * ``presets``: ``{"smoke": {...}, "quick": {...}}`` override sets on that config (``paper`` = the defaults).
 
 The harness resolves ``Config() + presets[preset] + CLI overrides`` into ``ctx.config``.
+
+And an optional hook ``prepare(ctx) -> None``: build artifacts that several runs share (a learning-history
+dataset used by every seed) into ``ctx.cache``. Executors call it once per (method, task, preset, config) before
+the runs, so the artifact is built once; ``run`` still builds anything missing (``ArtifactCache`` is idempotent).
 """
 
 from __future__ import annotations

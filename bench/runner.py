@@ -222,6 +222,56 @@ class CellResult:
     wall_time_s: float
 
 
+def make_context(cell: Cell, cache_root: str, torch_threads: int, device: str, logger: RunLogger,
+                 progress=None) -> RunContext:
+    """The :class:`RunContext` of ``cell``; sets torch threads and seeds the global generators from the seed."""
+    import torch
+
+    from tasks import get_task
+
+    spec = get_task(cell.task)
+    method = get_method(cell.method)
+    config = resolve_config(method, cell.preset, cell.overrides)
+    if config_to_dict(config) != cell.config:
+        raise AdaptBenchError(f"{cell.label}: config resolved in the worker differs from the plan")
+    torch.set_num_threads(torch_threads)
+    seed_everything(cell.seed)
+    cache_dir = Path(cache_root)
+    return RunContext(
+        task=spec, seed=cell.seed, preset=cell.preset, budget=spec.budget(cell.preset), config=config,
+        device=resolve_device(device), log=logger, checkpoint_dir=cache_dir / "checkpoints" / cell.run_id,
+        cache=ArtifactCache(cache_dir / "artifacts"), rng=np.random.default_rng(cell.seed),
+        torch_threads=torch_threads,
+        progress_fn=(lambda f, msg: progress(cell.run_id, f, msg)) if progress else None,
+    )
+
+
+def prepare_groups(cells: list[Cell]) -> list[Cell]:
+    """One representative cell per (method, task, preset, config) whose method declares shared artifacts.
+
+    A method may define ``prepare(ctx)``: build what several of its runs share (for example a learning-history
+    dataset) into ``ctx.cache``. Executors call it once per group before the runs; ``run`` must still build
+    anything missing itself (the cache is idempotent), so ``prepare`` only removes duplicated work.
+    """
+    groups: dict[str, Cell] = {}
+    for cell in cells:
+        if callable(getattr(get_method(cell.method), "prepare", None)):
+            key = stable_hash({"m": cell.method, "t": cell.task, "p": cell.preset, "c": cell.config})
+            groups.setdefault(key, cell)
+    return list(groups.values())
+
+
+def execute_prepare(cell: Cell, cache_root: str, torch_threads: int = 1, device: str = "auto",
+                    progress=None) -> str | None:
+    """Run ``method.prepare(ctx)`` for ``cell``'s group; returns an error message instead of raising."""
+    try:
+        ctx = make_context(cell, cache_root, torch_threads, device, RunLogger(), progress)
+        get_method(cell.method).prepare(ctx)  # type: ignore[attr-defined]
+    except Exception as e:  # the runs will retry the build and record the failure with a traceback
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def execute_cell(
     cell: Cell,
     results_root: str,
@@ -231,8 +281,6 @@ def execute_cell(
     progress=None,
 ) -> CellResult:
     """Run one cell and store its record; never raises for a method's own errors (they become failed runs)."""
-    import torch
-
     from tasks import get_task
     from tasks.references import get_references
 
@@ -240,24 +288,13 @@ def execute_cell(
     store = ResultsStore(results_root)
     spec = get_task(cell.task)
     method = get_method(cell.method)
-    config = resolve_config(method, cell.preset, cell.overrides)
-    if config_to_dict(config) != cell.config:
-        raise AdaptBenchError(f"{cell.label}: config resolved in the worker differs from the plan")
-    torch.set_num_threads(torch_threads)
-    seed_everything(cell.seed)
     cache_dir = Path(cache_root)
     logger = RunLogger()
     status, reason, tb = "ok", None, None
     refs = None
     try:
         refs = get_references(spec, cell.preset, cache_dir)
-        ctx = RunContext(
-            task=spec, seed=cell.seed, preset=cell.preset, budget=spec.budget(cell.preset), config=config,
-            device=resolve_device(device), log=logger, checkpoint_dir=cache_dir / "checkpoints" / cell.run_id,
-            cache=ArtifactCache(cache_dir / "artifacts"), rng=np.random.default_rng(cell.seed),
-            torch_threads=torch_threads,
-            progress_fn=(lambda f, msg: progress(cell.run_id, f, msg)) if progress else None,
-        )
+        ctx = make_context(cell, cache_root, torch_threads, device, logger, progress)
         ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         method.run(ctx)
     except Exception as e:  # a method's failure is a result, not a crash of the sweep
@@ -266,7 +303,7 @@ def execute_cell(
         status, reason = "failed", f"no evaluation rows: the method logged no `{EVAL_KEY}`"
     wall = time.time() - t0
     meta = {
-        "deviations": paper_deviations(method, config), "status": status, "reason": reason, "traceback": tb,
+        "deviations": paper_deviations(method, resolve_config(method, cell.preset, cell.overrides)), "status": status, "reason": reason, "traceback": tb,
         "method": cell.method, "method_provider": method_registry().provider(cell.method),
         "config": cell.config, "overrides": cell.overrides, "preset": cell.preset,
         "task": spec.id, "task_version": spec.version, "family": spec.family, "seed": cell.seed,

@@ -305,3 +305,40 @@ def test_leaderboard_regenerates_identically(results_dir, cache_dir):
     iqm = table[(table["task"] == "aggregate/IQM") & (table["metric"] == "final")].set_index("method")["value"]
     assert iqm["oracle"] == pytest.approx(100.0)
     assert md1.index("| oracle") < md1.index("| random")  # sorted by the aggregate
+
+
+class _Shared:
+    """Uses a dataset shared by all seeds; prepare() builds it once before the runs."""
+
+    name = "test-shared"
+    builds: list[str] = []
+
+    def supports(self, task):
+        return task.family == "in-context"
+
+    def _dataset(self, ctx):
+        def build(d):
+            _Shared.builds.append(ctx.task.id)
+            (d / "data.txt").write_text("42")
+
+        return ctx.cache.get_or_build("test-data", {"task": ctx.task.id, "preset": ctx.preset}, build)
+
+    def prepare(self, ctx):
+        self._dataset(ctx)
+
+    def run(self, ctx):
+        value = float((self._dataset(ctx) / "data.txt").read_text())
+        ctx.log(0, {"eval/return": value}, axis="episode")
+
+
+def test_shared_artifacts_built_once_before_runs(results_dir, tmp_path, capsys):
+    reg = method_registry()
+    reg.register("test-shared", _Shared(), "tests", replace=True)
+    _Shared.builds.clear()
+    try:
+        assert _run(results_dir, tmp_path / "cache", "--methods", "test-shared", "--tasks", "DarkRoom-v0",
+                    "--seeds", "3") == 0
+        assert _Shared.builds == ["DarkRoom-v0"]
+        assert "building shared artifacts for 1 (method, task) group(s)" in capsys.readouterr().err
+    finally:
+        reg._entries.pop("test-shared", None)

@@ -1,0 +1,561 @@
+"""Algorithm Distillation (AD) and Expert Distillation (ED): Laskin et al. 2022, https://arxiv.org/abs/2210.14215
+
+AD trains a causal transformer to predict the source learner's next action from an *across-episode* window of
+its learning history (paper, Sec. 4 and Alg. 1); at evaluation it runs many episodes of a held-out task with
+frozen weights, its own past episodes in context, and improves in context. ED is the same model and context
+trained on expert episodes (paper, Sec. 5 "Expert Distillation"); it is a switch here (:attr:`AD.expert_data`),
+not a copy.
+
+Tokens: one token per environment step, the sum of embeddings of ``(o_t, a_{t-1}, r_{t-1}, first_t)``, where
+``first_t`` marks the first step of an episode. The paper feeds ``(o, a, r)`` as separate tokens; the step token
+carries the same information (the action to predict, ``a_t``, is the only thing the paper's ``o_t`` token sees
+that ours does not need) at a third of the sequence length, so attention over the same number of episodes is
+9x cheaper. ``first_t`` makes episode boundaries explicit: a window may start anywhere in a history.
+
+Context at evaluation: a key/value cache (:class:`KVCache`), so a step costs one token's forward pass. The
+model is trained on windows with absolute positions ``0..L-1``; when the cache is full (``L`` tokens) the last
+``slide_keep * L`` token embeddings are re-prefilled at positions ``0..`` and decoding goes on. Every logit is
+therefore *exactly* the model's output on the window since the last refill (tested), and the context always
+holds between ``slide_keep * L`` and ``L`` steps. The amortised cost per step is constant in the length of the
+history. ``kv_cache=False`` recomputes the last ``L`` steps at every step instead (exact one-step sliding, the
+cost the cache avoids; ``tests/bench_ad.py`` measures both).
+
+Logged rows: ``eval/return`` at ``axis="episode"`` (mean over held-out tasks of in-context episode ``k``, the
+shared protocol of :mod:`bench.evaluation`); ``losses/...`` at ``axis="env_step"``, where the step counts
+*gradient steps* (AD takes no environment steps while training).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.config import ConfigError
+from bench.evaluation import log_in_context
+from bench.method import RunContext
+from bench.registry import load_target
+from tasks.spec import TaskSpec
+
+# What this implementation changes from the paper whatever the preset (preset changes are recorded per run by
+# the harness as {field: [paper, used]}).
+PAPER_DEVIATIONS: dict[str, str] = {
+    "tokens": "one token per step embedding (o_t, a_{t-1}, r_{t-1}, first_t) instead of separate o, a, r tokens",
+    "sliding context": "KV cache refilled with the last slide_keep*L steps when full (context in [L/2, L]), "
+                       "instead of an exact one-step slide; kv_cache=false restores the exact slide",
+    "source data": "learning histories of this suite's source learner (baselines.histories), not A3C/DQN",
+}
+
+
+@dataclass
+class Config:
+    """AD / ED settings; defaults are the paper's (App. hyper-parameter table) unless a comment says otherwise."""
+
+    context_episodes: float = 4.0
+    """Across-episode context, in episodes of the task (tokens = ceil(this * episode length)); >= 1"""
+    embed_dim: int = 64
+    """Token embedding width (paper: 64)"""
+    num_layers: int = 4
+    """Transformer blocks (paper: 4)"""
+    num_heads: int = 4
+    """Attention heads (paper: 4)"""
+    ff_dim: int = 256
+    """Feed-forward width (GPT's 4 x embed_dim; not given in the paper text we could check)"""
+    attention_dropout: float = 0.5
+    """Dropout on attention weights (paper: 0.5)"""
+    embedding_dropout: float = 0.3
+    """Dropout on token embeddings (paper's table as reproduced by the corl-team AD re-implementations)"""
+    residual_dropout: float = 0.1
+    """Dropout on each residual branch (same source as embedding_dropout)"""
+    learning_rate: float = 3e-4
+    """Adam learning rate, peak of the warm-up + cosine schedule"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_fraction: float = 0.1
+    """Fraction of train_steps of linear learning-rate warm-up before the cosine decay"""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)"""
+    batch_size: int = 128
+    """Windows per gradient step"""
+    train_steps: int = 100_000
+    """Gradient steps (our estimate: the paper gives no step count we could check)"""
+    kv_cache: bool = True
+    """Decode with a key/value cache; false recomputes the last context window at every step (slow)"""
+    slide_keep: float = 0.5
+    """Fraction of the context kept (re-prefilled) when the cache is full"""
+    sample_actions: bool = True
+    """Sample evaluation actions from the softmax (paper); false takes the arg-max"""
+    prompt_episodes: int = 0
+    """Demonstration prompting (paper Fig. 5): episodes of an epsilon-random expert put in context first"""
+    prompt_epsilon: float = 0.0
+    """Probability of a uniform random action in prompt episodes (0 = expert, 1 = random)"""
+    log_every: int = 100
+    """Gradient steps between `losses/...` rows"""
+    checkpoint_every: int = 2_000
+    """Gradient steps between checkpoints (a killed run resumes from the last one)"""
+
+    def validate(self) -> None:
+        if not (isinstance(self.context_episodes, int | float) and self.context_episodes >= 1):
+            raise ConfigError(
+                f"context_episodes={self.context_episodes!r} is shorter than one episode: AD improves *across* "
+                "episodes, so the context must hold at least one whole episode (the paper uses 2-4)"
+            )
+        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "batch_size", "log_every",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.train_steps < 0 or self.prompt_episodes < 0:
+            raise ConfigError(f"train_steps and prompt_episodes must be >= 0, got {self.train_steps}, "
+                              f"{self.prompt_episodes}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
+        for name in ("attention_dropout", "embedding_dropout", "residual_dropout", "warmup_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 <= self.prompt_epsilon <= 1.0:
+            raise ConfigError(f"prompt_epsilon must lie in [0, 1], got {self.prompt_epsilon!r}")
+        if not 0.0 < self.slide_keep < 1.0:
+            raise ConfigError(f"slide_keep must lie in (0, 1), got {self.slide_keep!r}")
+
+    def context_len(self, spec: TaskSpec) -> int:
+        """The context in steps (= tokens) for ``spec``; refuses one shorter than an episode of the task."""
+        self.validate()
+        steps = math.ceil(self.context_episodes * spec.episode_length)
+        if steps < spec.episode_length:  # unreachable after validate(), kept next to the use that needs it
+            raise ConfigError(f"a context of {steps} steps is shorter than one {spec.id} episode "
+                              f"({spec.episode_length} steps)")
+        return steps
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"embed_dim": 16, "num_layers": 1, "num_heads": 2, "ff_dim": 32, "batch_size": 8, "train_steps": 20,
+              "context_episodes": 2.0, "log_every": 5, "checkpoint_every": 10},
+    "quick": {"batch_size": 64, "train_steps": 3_000, "log_every": 50, "checkpoint_every": 500},
+}
+
+
+# -- Networks -----------------------------------------------------------------------------------------------------
+
+
+class PixelEncoder(nn.Module):
+    """A small conv net for (H, W, 3) uint8 frames (DrQ-v2-style stride-2 convolutions), one vector per frame."""
+
+    def __init__(self, shape: tuple[int, ...], out_dim: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=2), nn.ReLU(), nn.Flatten(),
+        )
+        with torch.no_grad():
+            n = self.convs(torch.zeros(1, 3, shape[0], shape[1])).shape[1]
+        self.out = nn.Linear(n, out_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        lead = obs.shape[:-3]
+        x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5
+        return self.out(self.convs(x)).reshape(*lead, -1)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with explicit causal attention, so the key/value cache is plain tensors."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.heads, self.attn_dropout = cfg.num_heads, cfg.attention_dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.ff_dim), nn.GELU(), nn.Linear(cfg.ff_dim, d))
+        self.drop = nn.Dropout(cfg.residual_dropout)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return q, k, v  # each (B, H, T, head_dim)
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, h, t, dh = y.shape
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, h * dh)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+    def forward(self, x: torch.Tensor, cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Causal attention over ``x`` ``(B, T, d)``; with ``cache_kv`` its keys/values fill slots ``0..T-1``."""
+        q, k, v = self._qkv(x)
+        if cache_kv is not None:
+            cache_kv[0][:, :, : k.shape[2]] = k
+            cache_kv[1][:, :, : v.shape[2]] = v
+        drop = self.attn_dropout if self.training else 0.0
+        return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop))
+
+    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
+        """One new token ``x`` ``(B, 1, d)`` at position ``pos``, attending to the cached ``0..pos``."""
+        q, k, v = self._qkv(x)
+        k_cache[:, :, pos] = k[:, :, 0]
+        v_cache[:, :, pos] = v[:, :, 0]
+        return self._finish(x, F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1]))
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values ``(B, H, L, head_dim)`` and the token embeddings behind them (for refills).
+
+    ``length`` tokens are in context; ``start`` is how many steps of the run were dropped before them.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    tokens: torch.Tensor
+    keep: int
+    length: int = 0
+    start: int = 0
+
+
+class ADTransformer(nn.Module):
+    """Causal transformer over step tokens ``(o_t, a_{t-1}, r_{t-1}, first_t)`` predicting ``a_t``."""
+
+    def __init__(self, cfg: Config, context_len: int, num_actions: int, obs_shape: tuple[int, ...],
+                 num_obs: int | None) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.context_len, self.num_actions, self.cfg = context_len, num_actions, cfg
+        # discrete observations (cell indices) get a table; pixels a conv encoder (the issue's pixel maze)
+        self.obs_emb: nn.Module = nn.Embedding(num_obs, d) if num_obs is not None else PixelEncoder(obs_shape, d)
+        self.act_emb = nn.Embedding(num_actions + 1, d)  # index num_actions: "no previous action"
+        self.rew_emb = nn.Linear(1, d)
+        self.first_emb = nn.Embedding(2, d)
+        self.pos_emb = nn.Parameter(torch.zeros(context_len, d))  # learned absolute positions
+        self.emb_drop = nn.Dropout(cfg.embedding_dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_actions)
+        self.apply(self._init)
+        nn.init.normal_(self.pos_emb, std=0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:  # GPT-2 initialisation
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def embed(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor,
+              first: torch.Tensor) -> torch.Tensor:
+        """Step tokens ``(..., d)`` from ``obs (..., *obs_shape)``, ``prev_action``, ``prev_reward``, ``first``."""
+        return (self.obs_emb(obs) + self.act_emb(prev_action) + self.rew_emb(prev_reward.unsqueeze(-1))
+                + self.first_emb(first.long()))
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``(B, T, A)`` for tokens ``(B, T, d)`` at positions ``0..T-1``; fills ``cache`` if given."""
+        t = tokens.shape[1]
+        if t > self.context_len:
+            raise ValueError(f"{t} tokens exceed the context of {self.context_len}")
+        x = self.emb_drop(tokens + self.pos_emb[:t])
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else (cache.k[i], cache.v[i]))
+        if cache is not None:
+            cache.tokens[:, :t] = tokens
+            cache.length = t
+        return self.head(self.ln_f(x))
+
+    def new_cache(self, batch: int, keep_fraction: float) -> KVCache:
+        p = next(self.parameters())
+        h, d = self.cfg.num_heads, self.cfg.embed_dim
+        shape = (batch, h, self.context_len, d // h)
+        kv = [[torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.blocks] for _ in range(2)]
+        keep = min(self.context_len - 1, max(1, round(keep_fraction * self.context_len)))
+        return KVCache(kv[0], kv[1], torch.zeros(batch, self.context_len, d, dtype=p.dtype, device=p.device), keep)
+
+    def step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits ``(B, A)`` for one new token ``(B, d)`` after the cached context (refilled when full)."""
+        if cache.length == self.context_len:
+            # slide: drop the oldest steps and re-prefill the rest at positions 0.., as the model was trained
+            kept = cache.tokens[:, self.context_len - cache.keep:].clone()
+            cache.start += self.context_len - cache.keep
+            self.forward(kept, cache)
+        pos = cache.length
+        cache.tokens[:, pos] = token
+        x = self.emb_drop(token[:, None] + self.pos_emb[pos])
+        for i, block in enumerate(self.blocks):
+            x = block.step(x, cache.k[i], cache.v[i], pos)
+        cache.length = pos + 1
+        return self.head(self.ln_f(x))[:, 0]
+
+
+def build_model(cfg: Config, spec: TaskSpec) -> ADTransformer:
+    env = spec.make(spec.test_tasks[0])
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    num_obs = int(obs_space.n) if hasattr(obs_space, "n") else None
+    return ADTransformer(cfg, cfg.context_len(spec), int(act_space.n), tuple(obs_space.shape or ()), num_obs)
+
+
+# -- Data: windows of histories --------------------------------------------------------------------------------------
+
+
+class WindowSampler:
+    """Random windows of ``L`` consecutive steps of ``(n_tasks, T)`` histories; any start, across episodes.
+
+    ``histories`` needs ``obs`` ``(n, T, ...)``, ``actions``, ``rewards`` and ``dones`` ``(n, T)`` (the
+    :class:`baselines.histories.Histories` arrays; memory-maps are read window by window).
+    """
+
+    def __init__(self, histories: Any, context_len: int, none_action: int) -> None:
+        self.obs, actions = histories.obs, np.asarray(histories.actions, dtype=np.int64)
+        n, t = actions.shape
+        if t < context_len:
+            raise ConfigError(f"histories hold {t} steps per task, fewer than the context of {context_len} steps; "
+                              "lower context_episodes or generate longer histories")
+        self.actions = actions
+        # token t carries the transition before it; the first step of a history has none
+        self.prev_action = np.concatenate([np.full((n, 1), none_action), actions[:, :-1]], axis=1)
+        self.prev_reward = np.concatenate([np.zeros((n, 1), np.float32),
+                                           np.asarray(histories.rewards, np.float32)[:, :-1]], axis=1)
+        self.first = np.concatenate([np.ones((n, 1), bool), np.asarray(histories.dones, bool)[:, :-1]], axis=1)
+        self.n, self.t, self.context_len = n, t, context_len
+
+    def sample(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        rows = rng.integers(0, self.n, batch)[:, None]
+        cols = rng.integers(0, self.t - self.context_len + 1, batch)[:, None] + np.arange(self.context_len)
+        return {"obs": np.asarray(self.obs[rows, cols]), "prev_action": self.prev_action[rows, cols],
+                "prev_reward": self.prev_reward[rows, cols], "first": self.first[rows, cols],
+                "actions": self.actions[rows, cols]}
+
+
+def to_torch(batch: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+
+
+def update(model: ADTransformer, opt: torch.optim.Optimizer, sched: Any, batch: dict[str, torch.Tensor],
+           grad_clip: float) -> dict[str, float]:
+    """One cross-entropy step on the actions of every position of the windows; returns the metrics."""
+    model.train()
+    tokens = model.embed(batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"])
+    logits = model(tokens)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["actions"].flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    opt.step()
+    sched.step()
+    acc = (logits.argmax(-1) == batch["actions"]).float().mean()
+    return {"losses/action_ce": loss.item(), "losses/action_accuracy": acc.item(),
+            "losses/grad_norm": float(grad_norm), "charts/learning_rate": sched.get_last_lr()[0]}
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_fraction * cfg.train_steps))
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, cfg.train_steps - warm))))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# -- Rollouts with the batched core --------------------------------------------------------------------------------
+
+
+def epsilon_expert_rollout(core: Any, episodes: int, epsilon: np.ndarray | float, num_actions: int,
+                           rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Histories of an epsilon-random expert: ``epsilon[k]`` is the chance of a uniform random action in episode
+    ``k`` (a decreasing schedule gives a synthetic learning history, as in AD-epsilon, arXiv 2312.12275).
+
+    Returns ``obs`` ``(n, T, ...)``, ``actions``, ``rewards``, ``dones`` ``(n, T)`` and ``episode_returns``
+    ``(n, episodes)``. Where episodes end at different steps (Key-to-Door) every env keeps going until the last
+    one has finished ``episodes``, with the final epsilon, so each row is one unbroken history.
+    """
+    eps = np.broadcast_to(np.asarray(epsilon, dtype=np.float64), (episodes,))
+    n = core.num_envs
+    obs = core.reset()
+    count, ret, returns = np.zeros(n, np.int64), np.zeros(n), np.zeros((n, episodes))
+    out: dict[str, list[np.ndarray]] = {"obs": [], "actions": [], "rewards": [], "dones": []}
+    while (count < episodes).any():
+        explore = rng.random(n) < eps[np.minimum(count, episodes - 1)]
+        act = np.where(explore, rng.integers(0, num_actions, n), core.expert_actions()).astype(np.int64)
+        nxt, reward, term, trunc = core.step(act)
+        done = term | trunc
+        for key, value in (("obs", obs), ("actions", act), ("rewards", reward), ("dones", done)):
+            out[key].append(value)
+        ret += reward
+        ended = done & (count < episodes)
+        returns[ended, count[ended]] = ret[ended]
+        ret[done] = 0.0
+        count += done
+        obs = core.reset(done) if done.any() else nxt
+    data = {k: np.stack(v, axis=1) for k, v in out.items()}
+    data["episode_returns"] = returns
+    return data
+
+
+# -- In-context evaluation -----------------------------------------------------------------------------------------
+
+
+class _Context:
+    """The model's context during evaluation: a KV cache, or a window of tokens recomputed at every step."""
+
+    def __init__(self, model: ADTransformer, batch: int, cfg: Config) -> None:
+        self.model = model
+        self.cache = model.new_cache(batch, cfg.slide_keep) if cfg.kv_cache else None
+        p = next(model.parameters())
+        self.window = torch.zeros(batch, model.context_len, cfg.embed_dim, dtype=p.dtype, device=p.device)
+        self.length = 0
+
+    def push(self, token: torch.Tensor) -> torch.Tensor:
+        """Append one step token ``(B, d)``; logits ``(B, A)`` for the action at this step."""
+        if self.cache is not None:
+            return self.model.step(token, self.cache)
+        if self.length == self.model.context_len:  # exact one-step slide: the oldest step leaves
+            self.window = torch.roll(self.window, -1, dims=1)
+            self.length -= 1
+        self.window[:, self.length] = token
+        self.length += 1
+        return self.model(self.window[:, : self.length])[:, -1]
+
+
+@torch.no_grad()
+def evaluate_in_context(model: ADTransformer, core: Any, episodes: int, cfg: Config, rng: np.random.Generator,
+                        progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run every env of ``core`` (one held-out task each) for ``episodes`` in-context episodes, frozen weights.
+
+    With ``cfg.prompt_episodes`` > 0 the context is first filled with that many episodes of the expert taking
+    random actions with probability ``cfg.prompt_epsilon`` (demonstration prompting, paper Fig. 5). Envs whose
+    episodes end at different steps run on in lockstep, each with its own context. Returns the returns
+    ``(n_envs, episodes)`` and of the prompt episodes ``(n_envs, prompt_episodes)``.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    n, n_prompt, num_actions = core.num_envs, cfg.prompt_episodes, model.num_actions
+    total = n_prompt + episodes
+    gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+    context = _Context(model, n, cfg)
+    obs = core.reset()
+    prev_action = torch.full((n,), num_actions, dtype=torch.long, device=device)
+    prev_reward = torch.zeros(n, device=device)
+    first = torch.ones(n, dtype=torch.bool, device=device)
+    count, ret = np.zeros(n, np.int64), np.zeros(n)
+    returns, prompt_returns = np.zeros((n, episodes)), np.zeros((n, n_prompt))
+    while (count < total).any():
+        logits = context.push(model.embed(torch.as_tensor(obs, device=device), prev_action, prev_reward, first))
+        if cfg.sample_actions:
+            action = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+        else:
+            action = logits.argmax(-1)
+        act = action.cpu().numpy()
+        in_prompt = count < n_prompt
+        if in_prompt.any():  # the demonstrator acts; the model only reads
+            demo = np.where(rng.random(n) < cfg.prompt_epsilon, rng.integers(0, num_actions, n),
+                            core.expert_actions())
+            act = np.where(in_prompt, demo, act).astype(np.int64)
+        obs, reward, term, trunc = core.step(act)
+        done = term | trunc
+        ret += reward
+        ended = np.flatnonzero(done)
+        k = count[ended]
+        prompt_returns[ended[k < n_prompt], k[k < n_prompt]] = ret[ended[k < n_prompt]]
+        scored = (k >= n_prompt) & (k < total)
+        returns[ended[scored], k[scored] - n_prompt] = ret[ended[scored]]
+        ret[done] = 0.0
+        count += done
+        if ended.size:
+            obs = core.reset(done)
+            if progress is not None:
+                progress(float(np.minimum(count, total).mean() / total))
+        prev_action = torch.as_tensor(act, device=device)
+        prev_reward = torch.as_tensor(reward, dtype=torch.float32, device=device)
+        first = torch.as_tensor(done, device=device)
+    return returns, prompt_returns
+
+
+# -- The methods ---------------------------------------------------------------------------------------------------
+
+
+def load_histories(ctx: RunContext, expert: bool) -> Any:
+    """The train tasks' learning histories (AD) or expert episodes (ED), built once in the artifact cache."""
+    from baselines import histories
+
+    return histories.expert_histories(ctx) if expert else histories.learning_histories(ctx)
+
+
+def train(ctx: RunContext, model: ADTransformer, sampler: WindowSampler, cfg: Config) -> None:
+    """``cfg.train_steps`` gradient steps; rows ``losses/...`` every ``log_every`` steps (mean over the interval)
+    at ``axis="env_step"`` = gradient steps. Resumes from the last checkpoint in ``ctx.checkpoint_dir``."""
+    opt, sched = make_optimizer(model, cfg)
+    path = Path(ctx.checkpoint_dir) / "ad.pt"
+    step = 0
+    if path.is_file():
+        state = torch.load(path, map_location=ctx.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = int(state["step"])
+    sums: dict[str, float] = {}
+    seen = 0
+    while step < cfg.train_steps:
+        rng = np.random.default_rng([ctx.seed, step])  # batches depend on (seed, step) only: resumes replay
+        metrics = update(model, opt, sched, to_torch(sampler.sample(cfg.batch_size, rng), ctx.device),
+                         cfg.grad_clip)
+        step += 1
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value
+        seen += 1
+        if step % cfg.log_every == 0 or step == cfg.train_steps:
+            ctx.log(step, {k: v / seen for k, v in sums.items()}, axis="env_step")
+            sums, seen = {}, 0
+        if step % cfg.checkpoint_every == 0 and step < cfg.train_steps:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step}, tmp)
+            tmp.replace(path)
+        ctx.progress(0.9 * step / max(1, cfg.train_steps), f"train step {step}/{cfg.train_steps}")
+
+
+class AlgorithmDistillation:
+    """AD: distil the source learner's learning histories; evaluated in context on held-out tasks."""
+
+    name = "ad"
+    expert_data = False
+    """ED's switch: train on expert episodes instead of learning histories."""
+    Config = Config
+    presets = PRESETS
+
+    def supports(self, task: TaskSpec) -> bool | str:
+        if task.family != "in-context":
+            return f"{self.name} needs an in-context task family (train/test task splits); `{task.id}` is control"
+        if task.batched_core is None:
+            return f"task `{task.id}` has no batched core for history generation and batched evaluation"
+        if task.actions != "discrete":
+            return f"{self.name} predicts discrete actions; `{task.id}` has continuous ones"
+        return True
+
+    def run(self, ctx: RunContext) -> None:
+        cfg: Config = ctx.config if ctx.config is not None else Config()
+        spec = ctx.task
+        model = build_model(cfg, spec).to(ctx.device)  # refuses a context shorter than an episode of the task
+        sampler = WindowSampler(load_histories(ctx, self.expert_data), model.context_len, model.num_actions)
+        train(ctx, model, sampler, cfg)
+        core = load_target(spec.batched_core)(spec, spec.test_split(ctx.preset))
+        returns, prompt_returns = evaluate_in_context(
+            model, core, ctx.budget.eval_episodes, cfg, ctx.rng,
+            progress=lambda f: ctx.progress(0.9 + 0.1 * f, "in-context evaluation"),
+        )
+        log_in_context(ctx, returns)  # the shared protocol: one `eval/return` row per in-context episode
+        if prompt_returns.size:
+            ctx.log(cfg.train_steps, {"charts/prompt_return": float(prompt_returns.mean())}, axis="env_step")
+
+
+class ExpertDistillation(AlgorithmDistillation):
+    """ED: the same model and context trained on expert episodes (paper, Sec. 5); it should not improve in
+    context."""
+
+    name = "ed"
+    expert_data = True

@@ -1,0 +1,192 @@
+"""Plasticity tools for actor-critic agents (Ma et al. 2024, "Revisiting Plasticity in Visual RL", arXiv 2310.07418).
+
+* :class:`FAUMonitor`: the Fraction of Active Units (paper Eq. 1: units with activation > 0 over all units of a
+  module, averaged over the batch) read by forward hooks on the ReLU layers, on the forward passes the losses
+  already make: no extra forward pass.
+* :class:`UpdateSchedule`: a replay ratio (updates per agent step, 0.5 / 1 / 2 ...) as a credit counter.
+* :class:`AdaptiveReplayRatio`: ARR (paper Sec. 6; authors' code ``train_adapt_rr.py``): start at a low ratio,
+  compare the critic's FAU every ``interval`` episodes, switch once to the high ratio when it changed by at most
+  ``threshold``.
+* :func:`reinitialize`: Reset (Nikishin et al. 2022, arXiv 2205.07802): re-draw a module's parameters in place and
+  forget their optimiser state.
+* :class:`InjectedHead`: Plasticity Injection (Nikishin et al. 2023, arXiv 2305.15555): ``h(x) = h_old(x) +
+  h_new(x) - h_new0(x)`` with ``h_old`` and the copy ``h_new0`` frozen, so the output is unchanged at injection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class FAUMonitor:
+    """Counts active units of watched modules (ReLUs) during the forward passes run under :meth:`record`.
+
+    Groups (``"critic"``, ``"encoder"``, ``"actor"``) pool their layers: FAU = active units / units over every
+    layer and every sample recorded since the last :meth:`take`. Counts stay tensors until read, so recording
+    never synchronises a GPU.
+    """
+
+    def __init__(self) -> None:
+        self._handles: dict[str, list[Any]] = {}
+        self._active: dict[str, torch.Tensor | None] = {}
+        self._total: dict[str, int] = {}
+        self._recording: str | None = None
+
+    def watch(self, group: str, modules: Iterable[nn.Module]) -> None:
+        """Watch the outputs of ``modules`` as ``group`` (replacing what the group watched before)."""
+        for handle in self._handles.pop(group, []):
+            handle.remove()
+        self._handles[group] = [m.register_forward_hook(self._hook(group)) for m in modules]
+        self._active.setdefault(group, None)
+        self._total.setdefault(group, 0)
+
+    def _hook(self, group: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            if self._recording != group:
+                return
+            count = (output.detach() > 0).sum()
+            prev = self._active[group]
+            self._active[group] = count if prev is None else prev + count
+            self._total[group] += output.numel()
+
+        return hook
+
+    @contextlib.contextmanager
+    def record(self, group: str) -> Iterator[None]:
+        """Count ``group``'s activations during the forward passes inside this block."""
+        if group not in self._handles:
+            raise KeyError(f"FAU group `{group}` is not watched; watched: {sorted(self._handles)}")
+        previous, self._recording = self._recording, group
+        try:
+            yield
+        finally:
+            self._recording = previous
+
+    def mean(self, group: str) -> float | None:
+        """FAU of ``group`` pooled since the last :meth:`take`; ``None`` if nothing was recorded."""
+        active = self._active.get(group)
+        return None if active is None else float(active) / self._total[group]
+
+    def take(self, group: str) -> float | None:
+        """:meth:`mean`, then start a new pool."""
+        value = self.mean(group)
+        self._active[group], self._total[group] = None, 0
+        return value
+
+
+class UpdateSchedule:
+    """How many updates each agent step makes, for a replay ratio of ``ratio`` updates per agent step.
+
+    A credit counter: ratio 0.5 updates on every second step, 2 makes two updates (two fresh batches) per step.
+    The credit starts at ``max(0, 1 - ratio)`` so that ratio 0.5 updates on the first step after the seed frames'
+    second, as DrQ-v2's ``step % update_every_steps == 0`` does.
+    """
+
+    def __init__(self, ratio: float) -> None:
+        if not ratio > 0:
+            raise ValueError(f"replay ratio must be > 0, got {ratio!r}")
+        self.ratio = float(ratio)
+        self.credit = max(0.0, 1.0 - self.ratio)
+
+    def due(self) -> int:
+        """Updates to make at this agent step."""
+        self.credit += self.ratio
+        n = int(self.credit + 1e-9)
+        self.credit -= n
+        return n
+
+    def state_dict(self) -> dict[str, float]:
+        return {"ratio": self.ratio, "credit": self.credit}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.ratio, self.credit = float(state["ratio"]), float(state["credit"])
+
+
+@dataclass
+class AdaptiveReplayRatio:
+    """ARR's switch rule (Ma et al. 2024, Sec. 6): every ``interval`` episodes compare the critic's FAU with its
+    value at the previous check (the first: the FAU of the first update) and switch once from ``low`` to ``high``
+    when ``|change| <= threshold``. The FAU compared at a check is the mean over the last episode's updates, as in
+    the authors' ``train_adapt_rr.py``."""
+
+    low: float = 0.5
+    high: float = 2.0
+    interval: int = 50
+    threshold: float = 0.001
+    previous: float | None = None
+    """Critic FAU at the previous check (before the first: the first update's)."""
+    switched_at: int | None = None
+    """Frame of the switch, once it happened."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"ARR interval must be a positive number of episodes, got {self.interval!r}")
+
+    @property
+    def ratio(self) -> float:
+        return self.low if self.switched_at is None else self.high
+
+    def start(self, first_fau: float | None) -> None:
+        """Give the FAU of the first update (later calls are ignored)."""
+        if self.previous is None and first_fau is not None:
+            self.previous = float(first_fau)
+
+    def end_episode(self, episode: int, fau: float | None, frame: int) -> bool:
+        """After the ``episode``-th episode (1-based) with the critic's mean FAU ``fau`` over its updates; True
+        exactly when the ratio switches now."""
+        if self.switched_at is not None or self.previous is None or fau is None or episode % self.interval:
+            return False
+        change, self.previous = abs(float(fau) - self.previous), float(fau)
+        if change <= self.threshold:
+            self.switched_at = int(frame)
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def reinitialize(
+    module: nn.Module, init: Callable[[nn.Module], None], optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> None:
+    """Reset: re-draw ``module``'s parameters in place (``reset_parameters`` then ``init``) and drop their state
+    in ``optimizers`` (Adam's moments restart), so hooks and optimiser param groups stay valid."""
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    module.apply(init)
+    params = set(module.parameters())
+    for opt in optimizers:
+        for p in list(opt.state):
+            if p in params:
+                del opt.state[p]
+
+
+class InjectedHead(nn.Module):
+    """Plasticity Injection on one head: ``original(x) + fresh(x) - anchor(x)``.
+
+    ``original`` (the trained head) and ``anchor`` (a copy of ``fresh`` at injection) are frozen; only ``fresh``
+    learns. Right after injection ``fresh == anchor``, so the output is unchanged; the inputs still receive
+    gradients through all three, as in the authors' DrQ-v2 implementation (Guozheng-Ma/Plasticity-Injection_Torch).
+    """
+
+    def __init__(self, original: nn.Module, fresh: nn.Module) -> None:
+        super().__init__()
+        self.original = original.requires_grad_(False)
+        self.fresh = fresh
+        self.anchor = copy.deepcopy(fresh).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.original(x) + self.fresh(x) - self.anchor(x)

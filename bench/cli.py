@@ -60,7 +60,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             from bench.method import support_reason
 
             n = sum(support_reason(method, s) is None for s in specs)
-            rows.append([name, reg.provider(name), f"{n}/{len(specs)}", (type(method).__doc__ or "").strip().split("\n")[0]])
+            doc = (type(method).__doc__ or "").strip().split("\n")[0]
+            rows.append([name, reg.provider(name), f"{n}/{len(specs)}", doc])
         print(_table(rows, ["method", "provider", "tasks", "description"]))
     elif args.what == "presets":
         from bench.config import PRESETS

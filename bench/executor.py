@@ -188,7 +188,7 @@ class LocalExecutor:
                     progress.finished(r)
                     results.append(r)
                 if broken:  # a worker died (segfault, OOM kill): record its cells, start a new pool
-                    for fut, cell in inflight.items():
+                    for cell in inflight.values():
                         r = self._died(cell, store)
                         progress.finished(r)
                         results.append(r)

@@ -46,7 +46,8 @@ def run_scores(record) -> tuple[dict, pd.DataFrame]:
     score = scoring.normalize(raw, refs["random"], refs["reference"])
     row = {"method": meta["method"], "task": meta["task"], "family": meta["family"], "seed": meta["seed"],
            "preset": meta["preset"], "run_id": meta["run_id"],
-           "deviations": "; ".join(f"{k}={v[1]} (paper {v[0]})" for k, v in sorted((meta.get("deviations") or {}).items()))}
+           "deviations": "; ".join(f"{k}={v[1]} (paper {v[0]})"
+                                   for k, v in sorted((meta.get("deviations") or {}).items()))}
     if meta["family"] == "in-context":
         k = max(1, math.ceil(0.1 * len(score)))
         row.update(first=float(score[0]), final=float(score[-k:].mean()), raw_final=float(raw[-k:].mean()))
@@ -104,12 +105,12 @@ def _fmt(iv: scoring.Interval | None, digits: int = 1) -> str:
 def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Markdown-ready table (methods as rows, sorted by IQM) and long CSV rows, for one family x preset."""
     family = runs["family"].iloc[0]
-    matrices = {m: score_matrix(g) for m, g in runs.groupby("method")}
+    seeds_of = {m: score_matrix(g)[2] for m, g in runs.groupby("method")}
     aggregates = {name: scoring.stratified_bootstrap_ci(score_matrices(runs), fn, reps, 0.95, seed)
                   for name, fn in scoring.AGGREGATES.items()}
     tasks = sorted(runs["task"].unique())
     table, csv = [], []
-    for m, (x, m_tasks, seeds) in matrices.items():
+    for m, seeds in seeds_of.items():
         g = runs[runs["method"] == m]
         line = {"method": m, "IQM": _fmt(aggregates["IQM"][m]), "Mean": _fmt(aggregates["Mean"][m]),
                 "Median": _fmt(aggregates["Median"][m]), "Opt. gap": _fmt(aggregates["Optimality gap"][m]),

@@ -11,6 +11,13 @@ ENTRY_POINT_GROUP = "adapt_bench.methods"
 _BUILTIN = {
     "random": "baselines.reference:RandomMethod",
     "oracle": "baselines.reference:OracleMethod",
+    "drqv2": "baselines.drqv2:DrQV2",
+    "drqv2-noaug": "baselines.drqv2:DrQV2NoAug",
+    "drqv2-rr1": "baselines.drqv2:DrQV2RR1",
+    "drqv2-rr2": "baselines.drqv2:DrQV2RR2",
+    "drqv2-arr": "baselines.drqv2:DrQV2ARR",
+    "drqv2-noaug-reset": "baselines.drqv2:DrQV2NoAugReset",
+    "drqv2-noaug-inject": "baselines.drqv2:DrQV2NoAugInject",
 }
 
 

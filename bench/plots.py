@@ -144,7 +144,8 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
             e = extras[(extras["family"] == family) & (extras["preset"] == preset)] if not extras.empty else extras
             if family == "control" and not e.empty:
                 for key in sorted(k for k in e["key"].unique() if k.startswith("fau/")):
-                    save(metric_curves(e, key, preset, "fraction of active units"), f"{tag}-{key.replace('/', '-')}.png")
+                    fig = metric_curves(e, key, preset, "fraction of active units")
+                    save(fig, f"{tag}-{key.replace('/', '-')}.png")
     return paths
 
 

@@ -12,7 +12,6 @@ import random
 import socket
 import subprocess
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, field
 from functools import cache
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from bench.config import check_preset, config_to_dict, resolve_config
 from bench.method import ArtifactCache, RunContext, RunLogger, stable_hash, support_reason
@@ -303,7 +303,8 @@ def execute_cell(
         status, reason = "failed", f"no evaluation rows: the method logged no `{EVAL_KEY}`"
     wall = time.time() - t0
     meta = {
-        "deviations": paper_deviations(method, resolve_config(method, cell.preset, cell.overrides)), "status": status, "reason": reason, "traceback": tb,
+        "deviations": paper_deviations(method, resolve_config(method, cell.preset, cell.overrides)),
+        "status": status, "reason": reason, "traceback": tb,
         "method": cell.method, "method_provider": method_registry().provider(cell.method),
         "config": cell.config, "overrides": cell.overrides, "preset": cell.preset,
         "task": spec.id, "task_version": spec.version, "family": spec.family, "seed": cell.seed,

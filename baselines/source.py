@@ -50,10 +50,11 @@ class SourceError(AdaptBenchError, ValueError):
 
 @dataclass
 class Config:
-    """A2C settings. The AD paper gives no A3C hyper-parameters, so the defaults are ours, tuned on Dark Room
-    so that the return rises gradually over hundreds of episodes (see README / the learning-curve check)."""
+    """A2C settings. The AD paper gives no A3C hyper-parameters, so the defaults are ours, tuned so that on Dark
+    Room (quick: 64 goals x 1,000 episodes) the mean return rises from random (0.3 in the first 10 episodes) to
+    near-optimal (16.3 of 16.5 in the last 10%) with the rise spread over episodes ~100-500."""
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Adam step size of every task's learner."""
     gamma: float = 0.95
     """Discount factor."""
@@ -66,12 +67,12 @@ class Config:
     max_grad_norm: float = 0.5
     """Clip of each task's *own* gradient norm (a global clip would couple the tasks)."""
     hidden: int = 64
-    """Width of the tanh hidden layer on the one-hot input."""
+    """Width of the ReLU hidden layer on the one-hot input."""
     rollout_steps: int = 0
     """Steps per task between updates; 0 = one episode length."""
     subsample: int = 1
-    """Learning histories keep every k-th episode (AD paper Sec. 4): k > 1 when consecutive episodes differ too
-    little for the context to see the improvement. The ``source`` method's own curve is never subsampled."""
+    """Learning histories keep episodes 0, k, 2k, ... (the AD paper's remedy when consecutive episodes differ too
+    little for a finite context to see the improvement). The ``source`` method's own curve is never subsampled."""
     episodes: int = 0
     """``source`` method only: episodes learnt on each held-out task; 0 = ``budget.train_steps // episode length``
     (the source gets the same per-task budget on a held-out task as on a train task)."""
@@ -133,7 +134,7 @@ def adapter_for(core: Any) -> CoreAdapter:
 
 # --------------------------------------------------------------------------------------------- the network
 class BatchedActorCritic(torch.nn.Module):
-    """``n`` independent actor-critics ``one-hot(x) -> tanh(hidden) -> (logits, value)``, stacked on axis 0.
+    """``n`` independent actor-critics ``one-hot(x) -> relu(hidden) -> (logits, value)``, stacked on axis 0.
 
     The first layer on a one-hot input is a row gather, so the network never builds the one-hot.
     """
@@ -155,7 +156,7 @@ class BatchedActorCritic(torch.nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(n, L)`` input indices -> ``(n, L, hidden)``."""
-        return torch.tanh(self.w_in[self.rows, x] + self.b_in[:, None])
+        return torch.relu(self.w_in[self.rows, x] + self.b_in[:, None])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: ``(n, L)`` -> logits ``(n, L, actions)``, values ``(n, L)``."""
@@ -167,7 +168,7 @@ class BatchedActorCritic(torch.nn.Module):
     @torch.no_grad()
     def policy_table(self) -> np.ndarray:
         """Action probabilities of every input, ``(n, n_inputs, actions)`` float64 (fixed within a rollout)."""
-        h = torch.tanh(self.w_in + self.b_in[:, None])
+        h = torch.relu(self.w_in + self.b_in[:, None])
         logits = torch.einsum("nlh,nha->nla", h, self.w_pi) + self.b_pi[:, None]
         return torch.softmax(logits.double(), dim=-1).numpy()
 
@@ -231,7 +232,8 @@ class BatchedA2C:
         loss.backward()
         if self.cfg.max_grad_norm > 0:
             params = [p for p in self.net.parameters() if p.grad is not None]
-            sq = sum(p.grad.pow(2).reshape(p.shape[0], -1).sum(1) for p in params)  # (n,): each task's own gradient norm
+            # (n,): each task's own gradient norm
+            sq = sum(p.grad.pow(2).reshape(p.shape[0], -1).sum(1) for p in params)
             norm = sq.sqrt()
             scale = (self.cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             for p in params:
@@ -249,6 +251,8 @@ class TrainResult:
 
     episode_returns: list[list[float]]
     steps: int
+    learner: BatchedA2C
+    """The learners after the last update (their parameters: ``learner.net``)."""
     visible: np.ndarray | None = None
     actions: np.ndarray | None = None
     rewards: np.ndarray | None = None
@@ -324,7 +328,7 @@ def train_learners(
             progress(t / limit, f"A2C step {t}/{limit} per task")
         if episodes is not None and min(len(r) for r in returns) >= episodes:
             break
-    out = TrainResult(episode_returns=returns, steps=t)
+    out = TrainResult(episode_returns=returns, steps=t, learner=learner)
     if rec is not None:
         out.visible, out.actions = rec["visible"][:, :t], rec["actions"][:, :t]
         out.rewards, out.dones = rec["rewards"][:, :t], rec["dones"][:, :t]
@@ -346,8 +350,9 @@ class SourceMethod:
 
     name = "source-a2c"
     Config = Config
-    # quick = the defaults (tuned for the quick budgets); smoke only shrinks the network
-    presets = {"smoke": {"hidden": 16, "lr": 3e-3}, "quick": {}}
+    # quick = the defaults (tuned for the quick budgets); smoke: a smaller, faster learner so that even 100
+    # smoke episodes show learning
+    presets = {"smoke": {"hidden": 32, "lr": 1e-2}, "quick": {}}
 
     def supports(self, task: TaskSpec) -> bool | str:
         if task.family != "in-context":

@@ -119,7 +119,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.executor == "ray":
         from bench.ray_executor import RayExecutor
 
-        executor = RayExecutor(address=args.address, device=args.device)
+        executor = RayExecutor(address=args.address, device=args.device, torch_threads=args.torch_threads,
+                               worker_cache_dir=args.worker_cache_dir)
     else:
         executor = LocalExecutor(args.workers, args.torch_threads, args.device)
     summary = run_sweep(plan, store, args.cache_dir, executor, args.retry_failed)
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     run.add_argument("--executor", choices=["local", "ray"], default="local")
     run.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    run.add_argument("--worker-cache-dir", help="cache directory on the Ray workers (default: --cache-dir); "
+                     "shared artifacts are shipped there when it differs")
     run.add_argument("--results-dir", default="results", help="results root (runs under RESULTS_DIR/runs)")
     run.add_argument("--cache-dir", default=_default_cache(), help="artifact and checkpoint cache")
     run.add_argument("--retry-failed", action="store_true", help="run stored failed runs again")

@@ -12,6 +12,11 @@ The harness resolves ``Config() + presets[preset] + CLI overrides`` into ``ctx.c
 And an optional hook ``prepare(ctx) -> None``: build artifacts that several runs share (a learning-history
 dataset used by every seed) into ``ctx.cache``. Executors call it once per (method, task, preset, config) before
 the runs, so the artifact is built once; ``run`` still builds anything missing (``ArtifactCache`` is idempotent).
+
+And an optional hook ``resources(task, preset, config) -> dict``: what one run needs on a cluster node, any subset
+of ``{"num_cpus": float, "num_gpus": float, "memory": int}`` (memory in bytes; default 1 CPU, no GPU, memory not
+declared). The Ray executor reserves it for each run and gives the run ``int(num_cpus)`` torch threads; with
+``--device cpu`` (or ``auto`` on a cluster without GPUs) the GPUs are dropped. The local process pool ignores it.
 """
 
 from __future__ import annotations

@@ -272,20 +272,23 @@ def execute_prepare(cell: Cell, cache_root: str, torch_threads: int = 1, device:
     return None
 
 
-def execute_cell(
+def compute_cell(
     cell: Cell,
-    results_root: str,
     cache_root: str,
     torch_threads: int = 1,
     device: str = "auto",
     progress=None,
-) -> CellResult:
-    """Run one cell and store its record; never raises for a method's own errors (they become failed runs)."""
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run one cell and return its record ``(meta, rows)`` without storing it.
+
+    Never raises for a method's own errors (they become a failed record with the traceback). Executors whose
+    workers cannot reach the results store (Ray on other nodes) send this record back to the driver, which
+    stores it with :meth:`ResultsStore.write`; :func:`execute_cell` stores it in place.
+    """
     from tasks import get_task
     from tasks.references import get_references
 
     t0 = time.time()
-    store = ResultsStore(results_root)
     spec = get_task(cell.task)
     method = get_method(cell.method)
     cache_dir = Path(cache_root)
@@ -313,12 +316,30 @@ def execute_cell(
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "wall_time_s": round(wall, 3),
         **environment_info(),
     }
-    store.write(cell.run_id, meta, logger.rows)
-    if status == "ok":
-        import shutil
+    return meta, logger.rows
 
-        shutil.rmtree(cache_dir / "checkpoints" / cell.run_id, ignore_errors=True)
-    return CellResult(cell.run_id, cell.label, status, reason, wall)
+
+def discard_checkpoint(cell: Cell, cache_root: str) -> None:
+    """Remove a finished run's private checkpoint directory (kept while the run may still be resumed)."""
+    import shutil
+
+    shutil.rmtree(Path(cache_root) / "checkpoints" / cell.run_id, ignore_errors=True)
+
+
+def execute_cell(
+    cell: Cell,
+    results_root: str,
+    cache_root: str,
+    torch_threads: int = 1,
+    device: str = "auto",
+    progress=None,
+) -> CellResult:
+    """Run one cell and store its record; never raises for a method's own errors (they become failed runs)."""
+    meta, rows = compute_cell(cell, cache_root, torch_threads, device, progress)
+    ResultsStore(results_root).write(cell.run_id, meta, rows)
+    if meta["status"] == "ok":
+        discard_checkpoint(cell, cache_root)
+    return CellResult(cell.run_id, cell.label, meta["status"], meta["reason"], meta["wall_time_s"])
 
 
 def paper_deviations(method: Any, config: Any) -> dict[str, list[Any]]:

@@ -7,10 +7,10 @@ trained on expert episodes (paper, Sec. 5 "Expert Distillation"); it is a switch
 not a copy.
 
 Tokens: one token per environment step, the sum of embeddings of ``(o_t, a_{t-1}, r_{t-1}, first_t)``, where
-``first_t`` marks the first step of an episode. The paper feeds ``(o, a, r)`` as separate tokens; the step token
-carries the same information (the action to predict, ``a_t``, is the only thing the paper's ``o_t`` token sees
-that ours does not need) at a third of the sequence length, so attention over the same number of episodes is
-9x cheaper. ``first_t`` makes episode boundaries explicit: a window may start anywhere in a history.
+``first_t`` marks the first step of an episode. The paper interleaves separate ``o, a, r`` tokens and predicts
+``a_t`` from the ``o_t`` token, which has seen ``o_<=t, a_<t, r_<t``: exactly what step token ``t`` holds, at a
+third of the sequence length (3x less per-token work, 9x less attention). ``first_t`` makes episode boundaries
+explicit, since a training window may start anywhere in a history.
 
 Context at evaluation: a key/value cache (:class:`KVCache`), so a step costs one token's forward pass. The
 model is trained on windows with absolute positions ``0..L-1``; when the cache is full (``L`` tokens) the last
@@ -58,7 +58,9 @@ class Config:
     """AD / ED settings; defaults are the paper's (App. hyper-parameter table) unless a comment says otherwise."""
 
     context_episodes: float = 4.0
-    """Across-episode context, in episodes of the task (tokens = ceil(this * episode length)); >= 1"""
+    """Across-episode context in episodes of the task (paper: 2-4 at least); steps = ceil(this * episode length)"""
+    max_context_steps: int = 0
+    """Cap on the context in steps (0 = none); must still hold one whole episode of the task"""
     embed_dim: int = 64
     """Token embedding width (paper: 64)"""
     num_layers: int = 4
@@ -81,6 +83,8 @@ class Config:
     """Fraction of train_steps of linear learning-rate warm-up before the cosine decay"""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)"""
+    history_stride: int = 1
+    """Training windows take every k-th episode of a history (the paper's subsampling when learning is slow)"""
     batch_size: int = 128
     """Windows per gradient step"""
     train_steps: int = 100_000
@@ -106,8 +110,10 @@ class Config:
                 f"context_episodes={self.context_episodes!r} is shorter than one episode: AD improves *across* "
                 "episodes, so the context must hold at least one whole episode (the paper uses 2-4)"
             )
-        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "batch_size", "log_every",
-                     "checkpoint_every"):
+        if self.max_context_steps < 0:
+            raise ConfigError(f"max_context_steps must be >= 0 (0 = no cap), got {self.max_context_steps}")
+        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "batch_size", "history_stride",
+                     "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.train_steps < 0 or self.prompt_episodes < 0:
@@ -124,12 +130,18 @@ class Config:
             raise ConfigError(f"slide_keep must lie in (0, 1), got {self.slide_keep!r}")
 
     def context_len(self, spec: TaskSpec) -> int:
-        """The context in steps (= tokens) for ``spec``; refuses one shorter than an episode of the task."""
+        """The context in steps (= tokens) for ``spec``; refuses one shorter than an episode of the task (the
+        episode length is per task, so :meth:`validate` cannot check the cap)."""
         self.validate()
         steps = math.ceil(self.context_episodes * spec.episode_length)
-        if steps < spec.episode_length:  # unreachable after validate(), kept next to the use that needs it
-            raise ConfigError(f"a context of {steps} steps is shorter than one {spec.id} episode "
-                              f"({spec.episode_length} steps)")
+        if self.max_context_steps:
+            steps = min(steps, self.max_context_steps)
+        if steps < spec.episode_length:
+            raise ConfigError(
+                f"a context of {steps} steps (max_context_steps={self.max_context_steps}) is shorter than one "
+                f"{spec.id} episode ({spec.episode_length} steps): AD improves across episodes, so the context "
+                f"must hold at least one whole episode; raise max_context_steps to >= {spec.episode_length}"
+            )
         return steps
 
 
@@ -162,6 +174,48 @@ class PixelEncoder(nn.Module):
         return self.out(self.convs(x)).reshape(*lead, -1)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout drawing 8 mask bytes per random int64: CPU ``bernoulli_`` was 30% of a training step.
+
+    ``p`` is rounded to a multiple of 1/256 (0.3 -> 0.3008); the kept values are scaled by the exact
+    ``1 / (1 - p_used)``, so activations stay unbiased.
+    """
+    if not training or p <= 0.0:
+        return x
+    threshold = round(p * 256)
+    n = x.numel()
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
+    keep = bits.view(torch.uint8)[:n].view(x.shape) >= threshold
+    return x * keep * (256.0 / (256 - threshold))
+
+
+class GridEmbedding(nn.Module):
+    """Cell index ``y * size + x`` -> a table entry per cell plus one per column ``x`` and one per row ``y``.
+
+    The paper's Dark Room agent observes its ``(x, y)`` position (Sec. 5); the tasks encode it as one index. The
+    row and column tables give the model that geometry back: reading "the goal is up and to the right" from a
+    rewarded cell in context then generalises to goals never seen in training.
+    """
+
+    def __init__(self, size: int, out_dim: int) -> None:
+        super().__init__()
+        self.size = size
+        self.cell, self.x, self.y = nn.Embedding(size * size, out_dim), nn.Embedding(size, out_dim), nn.Embedding(
+            size, out_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.cell(obs) + self.x(obs % self.size) + self.y(obs // self.size)
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 class Block(nn.Module):
     """Pre-LN transformer block with explicit causal attention, so the key/value cache is plain tensors."""
 
@@ -172,7 +226,7 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.ff_dim), nn.GELU(), nn.Linear(cfg.ff_dim, d))
-        self.drop = nn.Dropout(cfg.residual_dropout)
+        self.drop = Dropout(cfg.residual_dropout)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -190,8 +244,14 @@ class Block(nn.Module):
         if cache_kv is not None:
             cache_kv[0][:, :, : k.shape[2]] = k
             cache_kv[1][:, :, : v.shape[2]] = v
-        drop = self.attn_dropout if self.training else 0.0
-        return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop))
+        if self.training and self.attn_dropout > 0:  # explicit, for the fast dropout on the attention weights
+            t = q.shape[2]
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            att = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).masked_fill(causal, float("-inf"))
+            y = dropout(att.softmax(-1), self.attn_dropout, True) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self._finish(x, y)
 
     def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
         """One new token ``x`` ``(B, 1, d)`` at position ``pos``, attending to the cached ``0..pos``."""
@@ -220,17 +280,23 @@ class ADTransformer(nn.Module):
     """Causal transformer over step tokens ``(o_t, a_{t-1}, r_{t-1}, first_t)`` predicting ``a_t``."""
 
     def __init__(self, cfg: Config, context_len: int, num_actions: int, obs_shape: tuple[int, ...],
-                 num_obs: int | None) -> None:
+                 num_obs: int | None, grid_size: int | None = None) -> None:
         super().__init__()
         d = cfg.embed_dim
         self.context_len, self.num_actions, self.cfg = context_len, num_actions, cfg
-        # discrete observations (cell indices) get a table; pixels a conv encoder (the issue's pixel maze)
-        self.obs_emb: nn.Module = nn.Embedding(num_obs, d) if num_obs is not None else PixelEncoder(obs_shape, d)
+        # grid cells: cell + row + column tables; other discrete observations a table; pixels a conv encoder
+        self.obs_emb: nn.Module
+        if grid_size is not None:
+            self.obs_emb = GridEmbedding(grid_size, d)
+        elif num_obs is not None:
+            self.obs_emb = nn.Embedding(num_obs, d)
+        else:
+            self.obs_emb = PixelEncoder(obs_shape, d)
         self.act_emb = nn.Embedding(num_actions + 1, d)  # index num_actions: "no previous action"
         self.rew_emb = nn.Linear(1, d)
         self.first_emb = nn.Embedding(2, d)
         self.pos_emb = nn.Parameter(torch.zeros(context_len, d))  # learned absolute positions
-        self.emb_drop = nn.Dropout(cfg.embedding_dropout)
+        self.emb_drop = Dropout(cfg.embedding_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_actions)
@@ -289,42 +355,70 @@ class ADTransformer(nn.Module):
 
 def build_model(cfg: Config, spec: TaskSpec) -> ADTransformer:
     env = spec.make(spec.test_tasks[0])
-    obs_space, act_space = env.observation_space, env.action_space
+    obs_space, act_space, size = env.observation_space, env.action_space, getattr(env.unwrapped, "size", None)
     env.close()
     num_obs = int(obs_space.n) if hasattr(obs_space, "n") else None
-    return ADTransformer(cfg, cfg.context_len(spec), int(act_space.n), tuple(obs_space.shape or ()), num_obs)
+    grid = size if isinstance(size, int) and num_obs == size * size else None  # cell = y * size + x
+    return ADTransformer(cfg, cfg.context_len(spec), int(act_space.n), tuple(obs_space.shape or ()), num_obs, grid)
 
 
 # -- Data: windows of histories --------------------------------------------------------------------------------------
 
 
 class WindowSampler:
-    """Random windows of ``L`` consecutive steps of ``(n_tasks, T)`` histories; any start, across episodes.
+    """Random training windows of ``L`` steps of ``(n_tasks, T)`` histories, starting anywhere (across episodes).
 
-    ``histories`` needs ``obs`` ``(n, T, ...)``, ``actions``, ``rewards`` and ``dones`` ``(n, T)`` (the
-    :class:`baselines.histories.Histories` arrays; memory-maps are read window by window).
+    ``stride`` k > 1 builds a window from episodes ``e, e+k, e+2k, ...`` of one history (from a random step of
+    episode ``e``): the paper's subsampling of learning histories, so a finite context spans more learning
+    progress; the phase ``e`` is random, so no data is thrown away. ``histories`` needs ``obs`` ``(n, T, ...)``,
+    ``actions``, ``rewards`` and ``dones`` ``(n, T)`` (:class:`baselines.histories.Histories`; observations are
+    read window by window, so a memory-map stays on disk).
     """
 
-    def __init__(self, histories: Any, context_len: int, none_action: int) -> None:
-        self.obs, actions = histories.obs, np.asarray(histories.actions, dtype=np.int64)
-        n, t = actions.shape
-        if t < context_len:
-            raise ConfigError(f"histories hold {t} steps per task, fewer than the context of {context_len} steps; "
-                              "lower context_episodes or generate longer histories")
-        self.actions = actions
-        # token t carries the transition before it; the first step of a history has none
-        self.prev_action = np.concatenate([np.full((n, 1), none_action), actions[:, :-1]], axis=1)
-        self.prev_reward = np.concatenate([np.zeros((n, 1), np.float32),
-                                           np.asarray(histories.rewards, np.float32)[:, :-1]], axis=1)
-        self.first = np.concatenate([np.ones((n, 1), bool), np.asarray(histories.dones, bool)[:, :-1]], axis=1)
-        self.n, self.t, self.context_len = n, t, context_len
+    def __init__(self, histories: Any, context_len: int, none_action: int, stride: int = 1) -> None:
+        self.obs = histories.obs
+        self.actions = np.asarray(histories.actions).astype(np.int16)  # compact: K2D quick is 256 x 50k steps
+        self.rewards = np.asarray(histories.rewards, np.float32)
+        self.dones = np.asarray(histories.dones, bool)
+        self.n, self.t = self.actions.shape
+        self.context_len, self.none_action, self.stride = context_len, none_action, stride
+        if self.t < context_len:
+            raise ConfigError(f"histories hold {self.t} steps per task, fewer than the context of {context_len} "
+                              "steps; lower context_episodes or generate longer histories")
+        if stride > 1:
+            self.episode = np.concatenate([np.zeros((self.n, 1), np.int64), np.cumsum(self.dones, 1)[:, :-1]], 1)
+            # episode e of task i spans starts[i][e] .. starts[i][e + 1] (the last one may be cut at T)
+            self.starts = [np.concatenate([[0], np.flatnonzero(d[:-1]) + 1, [self.t]]) for d in self.dones]
+
+    def _strided(self, row: int, rng: np.random.Generator) -> np.ndarray:
+        starts = self.starts[row]
+        for _ in range(1000):
+            pos = int(rng.integers(0, self.t))
+            e, pieces, need = int(self.episode[row, pos]), [], self.context_len
+            while need > 0 and e + 1 < len(starts):
+                take = min(need, int(starts[e + 1]) - pos)
+                pieces.append(np.arange(pos, pos + take))
+                need -= take
+                e += self.stride
+                pos = int(starts[e]) if e + 1 < len(starts) else self.t
+            if need == 0:
+                return np.concatenate(pieces)
+        raise ConfigError(f"history_stride={self.stride} leaves no window of {self.context_len} steps in history "
+                          f"{row} ({self.t} steps); lower history_stride or context_episodes")
 
     def sample(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        rows = rng.integers(0, self.n, batch)[:, None]
-        cols = rng.integers(0, self.t - self.context_len + 1, batch)[:, None] + np.arange(self.context_len)
-        return {"obs": np.asarray(self.obs[rows, cols]), "prev_action": self.prev_action[rows, cols],
-                "prev_reward": self.prev_reward[rows, cols], "first": self.first[rows, cols],
-                "actions": self.actions[rows, cols]}
+        rows = rng.integers(0, self.n, batch)
+        if self.stride == 1:
+            cols = rng.integers(0, self.t - self.context_len + 1, batch)[:, None] + np.arange(self.context_len)
+        else:
+            cols = np.stack([self._strided(int(r), rng) for r in rows])
+        # token j carries the transition before it in the window (the history's own one for j = 0)
+        prev = np.concatenate([cols[:, :1] - 1, cols[:, :-1]], axis=1)
+        r, has, p = rows[:, None], prev >= 0, np.maximum(prev, 0)
+        return {"obs": np.asarray(self.obs[r, cols]), "actions": self.actions[r, cols].astype(np.int64),
+                "prev_action": np.where(has, self.actions[r, p], self.none_action).astype(np.int64),
+                "prev_reward": np.where(has, self.rewards[r, p], 0.0).astype(np.float32),
+                "first": np.where(has, self.dones[r, p], True)}
 
 
 def to_torch(batch: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor]:
@@ -359,41 +453,6 @@ def make_optimizer(model: nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, cfg.train_steps - warm))))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-# -- Rollouts with the batched core --------------------------------------------------------------------------------
-
-
-def epsilon_expert_rollout(core: Any, episodes: int, epsilon: np.ndarray | float, num_actions: int,
-                           rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Histories of an epsilon-random expert: ``epsilon[k]`` is the chance of a uniform random action in episode
-    ``k`` (a decreasing schedule gives a synthetic learning history, as in AD-epsilon, arXiv 2312.12275).
-
-    Returns ``obs`` ``(n, T, ...)``, ``actions``, ``rewards``, ``dones`` ``(n, T)`` and ``episode_returns``
-    ``(n, episodes)``. Where episodes end at different steps (Key-to-Door) every env keeps going until the last
-    one has finished ``episodes``, with the final epsilon, so each row is one unbroken history.
-    """
-    eps = np.broadcast_to(np.asarray(epsilon, dtype=np.float64), (episodes,))
-    n = core.num_envs
-    obs = core.reset()
-    count, ret, returns = np.zeros(n, np.int64), np.zeros(n), np.zeros((n, episodes))
-    out: dict[str, list[np.ndarray]] = {"obs": [], "actions": [], "rewards": [], "dones": []}
-    while (count < episodes).any():
-        explore = rng.random(n) < eps[np.minimum(count, episodes - 1)]
-        act = np.where(explore, rng.integers(0, num_actions, n), core.expert_actions()).astype(np.int64)
-        nxt, reward, term, trunc = core.step(act)
-        done = term | trunc
-        for key, value in (("obs", obs), ("actions", act), ("rewards", reward), ("dones", done)):
-            out[key].append(value)
-        ret += reward
-        ended = done & (count < episodes)
-        returns[ended, count[ended]] = ret[ended]
-        ret[done] = 0.0
-        count += done
-        obs = core.reset(done) if done.any() else nxt
-    data = {k: np.stack(v, axis=1) for k, v in out.items()}
-    data["episode_returns"] = returns
-    return data
 
 
 # -- In-context evaluation -----------------------------------------------------------------------------------------
@@ -541,7 +600,8 @@ class AlgorithmDistillation:
         cfg: Config = ctx.config if ctx.config is not None else Config()
         spec = ctx.task
         model = build_model(cfg, spec).to(ctx.device)  # refuses a context shorter than an episode of the task
-        sampler = WindowSampler(load_histories(ctx, self.expert_data), model.context_len, model.num_actions)
+        sampler = WindowSampler(load_histories(ctx, self.expert_data), model.context_len, model.num_actions,
+                                cfg.history_stride)
         train(ctx, model, sampler, cfg)
         core = load_target(spec.batched_core)(spec, spec.test_split(ctx.preset))
         returns, prompt_returns = evaluate_in_context(

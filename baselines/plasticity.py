@@ -189,4 +189,5 @@ class InjectedHead(nn.Module):
         self.anchor = copy.deepcopy(fresh).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.original(x) + self.fresh(x) - self.anchor(x)
+        # the difference first: it is exactly 0 at injection, so the output is bit-for-bit unchanged
+        return self.original(x) + (self.fresh(x) - self.anchor(x))

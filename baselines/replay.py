@@ -16,18 +16,29 @@ from slot indices:
   an episode are sampled too, with a shorter window.
 
 The buffer persists as immutable ``.npz`` chunks of new slots plus a JSON-able manifest (:meth:`save` /
-:meth:`load`), so a checkpoint writes only what was added since the previous one. No pickles.
+:meth:`load`), so a checkpoint writes only what was added since the previous one; :class:`RunCheckpoints` keeps a
+run's newest checkpoint (tensors, JSON state, RNG states) next to the chunks it references. No pickles.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from bench.registry import AdaptBenchError
 
 _FIELDS = ("frames", "actions", "rewards", "discounts", "t", "last")
+
+
+class CheckpointError(AdaptBenchError):
+    """A checkpoint in the run's checkpoint directory that cannot be resumed from."""
 
 
 class EmptyReplayError(ValueError):
@@ -226,3 +237,77 @@ class FrameReplay:
     @staticmethod
     def chunk_names(manifest: dict[str, Any]) -> set[str]:
         return {ch[0] for ch in manifest["chunks"]}
+
+
+class RunCheckpoints:
+    """A run's checkpoints under ``root``: ``ckpt-<step>/`` with ``state.pt`` (tensors and torch's RNG, read back with
+    ``torch.load(weights_only=True)``) and ``state.json``, plus the replay chunks under ``replay/``.
+
+    A checkpoint is written into a tmp dir and renamed into place, so a kill leaves either the previous or the new
+    one; after the rename, older checkpoints and chunks no longer referenced are deleted.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def save(self, step: int, tensors: dict[str, Any], state: dict[str, Any], replay: FrameReplay,
+             generators: dict[str, np.random.Generator]) -> None:
+        """Checkpoint ``step``: ``tensors``, JSON-able ``state``, ``replay`` and the RNG states: ``generators``
+        (numpy, JSON-able), python's and numpy's global ones, torch's (and CUDA's)."""
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob("replay/.tmp-*")]:  # left by a killed process
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        manifest = replay.save(self.root / "replay")
+        tmp = self.root / f".tmp-ckpt-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        rngs = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rngs["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({**tensors, **rngs}, tmp / "state.pt")
+        legacy = np.random.get_state()
+        state = {**state, "replay": manifest, "rng": {
+            "generators": {k: g.bit_generator.state for k, g in generators.items()}, "python": random.getstate(),
+            "numpy_global": [legacy[0], legacy[1].tolist(), *legacy[2:]]}}
+        (tmp / "state.json").write_text(json.dumps(state))
+        final = self.root / f"ckpt-{step:012d}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.root.glob("ckpt-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        live = FrameReplay.chunk_names(manifest)
+        for chunk in (self.root / "replay").glob("chunk-*"):
+            if chunk.name not in live:
+                chunk.unlink(missing_ok=True)
+
+    def load(self, device: torch.device | str = "cpu") -> tuple[dict, dict] | None:
+        """``(state, tensors)`` of the newest checkpoint, or ``None`` if there is none. The caller restores the
+        replay (:meth:`load_replay`) and the RNGs (:meth:`restore_rngs`) once it built its modules."""
+        found = sorted(self.root.glob("ckpt-*"))
+        if not found:
+            return None
+        try:
+            state = json.loads((found[-1] / "state.json").read_text())
+            return state, torch.load(found[-1] / "state.pt", weights_only=True, map_location=device)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read checkpoint {found[-1]}: {e}. Delete it to start the run afresh.") from e
+
+    def load_replay(self, replay: FrameReplay, state: dict[str, Any]) -> None:
+        try:
+            replay.load(self.root / "replay", state["replay"])
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot restore the replay of the checkpoint in {self.root}: {e}") from e
+
+    @staticmethod
+    def restore_rngs(state: dict[str, Any], tensors: dict[str, Any],
+                     generators: dict[str, np.random.Generator]) -> None:
+        """Set ``generators`` and the global python / numpy / torch RNGs to the checkpoint's states."""
+        rng = state["rng"]
+        for key, gen in generators.items():
+            gen.bit_generator.state = rng["generators"][key]
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        legacy = rng["numpy_global"]
+        np.random.set_state((legacy[0], np.asarray(legacy[1], np.uint32), *legacy[2:]))
+        torch.set_rng_state(tensors["torch_rng"].cpu())
+        if "cuda_rng" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in tensors["cuda_rng"]])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import gymnasium as gym
@@ -41,22 +42,26 @@ from tasks.spec import TaskSpec
 # ------------------------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    """RL² settings; the defaults are the paper's (RL² Appendix, tabular-MDP and visual-navigation tables, as far
-    as they carry over: their TRPO step size has no PPO counterpart and becomes PPO's usual clip / epochs)."""
+    """RL² settings; the defaults are the paper's (RL² Appendix tables for the tabular-MDP and visual-navigation
+    experiments) where they carry over. TRPO's mean-KL step (0.01) has no PPO counterpart: PPO's usual clip,
+    epochs and learning rate stand in for it."""
 
-    total_env_steps: int = 100_000_000
-    """Environment steps of meta-training on observation-index tasks (RL²: up to 1000 iterations of 250k steps
-    was ~2.5e8; 1e8 is our budget for Dark Room-sized tasks)."""
-    pixel_total_env_steps: int = 25_000_000
-    """Environment steps of meta-training on pixel tasks (RL² visual navigation: up to 5000 iterations x 50k;
-    a conv encoder over every frame costs ~100x a grid step, so pixels get their own budget)."""
+    total_env_steps: int = 250_000_000
+    """Meta-training environment steps on cell-index tasks (RL² tabular MDPs: up to 1000 iterations x 250k)."""
+    pixel_total_env_steps: int = 250_000_000
+    """Meta-training environment steps on pixel tasks (RL² visual navigation: up to 5000 iterations x 50k). A
+    separate budget because a conv encoder over every frame costs ~100x a grid step on a CPU."""
     episodes_per_trial: int | None = None
     """Episodes per training trial; None = the evaluation trial length ``budget.eval_episodes``, so the policy is
-    trained for exactly the horizon it is scored on (RL² trains and tests with the same n)."""
-    num_trials: int = 256
-    """Trials run in lockstep per rollout, each on a train task drawn uniformly (with replacement)."""
-    pixel_num_trials: int = 64
-    """Trials per rollout on pixel tasks (stored frames: trials x trial length x 54x54x3 bytes)."""
+    trained for the horizon it is scored on (RL² trains and tests with the same number of episodes n)."""
+    num_trials: int = 128
+    """Trials run in lockstep, each on a train task drawn uniformly with replacement (with 100-episode Dark Room
+    trials, 128 x 2000 = 256k steps per batch, RL²'s 250k)."""
+    pixel_num_trials: int = 10
+    """Trials in lockstep on pixel tasks (RL² visual navigation: 50k steps per batch = 10 trials of 5000)."""
+    segment_steps: int | None = None
+    """Steps per PPO batch; None = the whole trial (RL²: full-trial batches, exact BPTT). A shorter segment updates
+    every ``segment_steps`` x trials steps with truncated BPTT from the stored state; GAE bootstraps across it."""
     hidden: int = 256
     """GRU units (RL² Appendix: a GRU of 256 units in every experiment)."""
     embed: int = 256
@@ -67,14 +72,15 @@ class Config:
     """Filters of the two 5x5 stride-2 conv layers of the pixel encoder (RL² visual navigation: 2 x 16)."""
     gamma: float = 0.99
     """Discount, applied across episode boundaries within a trial (RL² Appendix: 0.99)."""
-    gae_lambda: float = 0.3
-    """GAE lambda (RL² Appendix, bandits and tabular MDPs: 0.3; visual navigation used 0.99)."""
+    gae_lambda: float = 0.99
+    """GAE lambda (RL² visual navigation, the closest task to a hidden-goal room: 0.99; bandits/tabular MDPs
+    used 0.3, which let the value function's errors drive PPO into collapse here)."""
     lr: float = 3e-4
     """Adam learning rate (PPO's usual value; TRPO has none)."""
     update_epochs: int = 4
-    """PPO epochs over each batch of trials."""
+    """PPO epochs over each batch."""
     num_minibatches: int = 4
-    """Minibatches per epoch; a minibatch is a set of whole trials (BPTT over the full trial)."""
+    """Minibatches per epoch; a minibatch is a set of whole trial segments (BPTT along each)."""
     clip_coef: float = 0.2
     """PPO ratio clip."""
     ent_coef: float = 0.01
@@ -86,30 +92,32 @@ class Config:
     norm_reward: bool = True
     """Divide rewards by a running std of the discounted trial return (CleanRL's NormalizeReward), so the value
     targets stay O(1) whatever the reward scale (Dark Room pays up to 20 per episode)."""
-    checkpoint_every: int = 50
-    """PPO iterations between checkpoints in ``ctx.checkpoint_dir`` (a killed run resumes from the last one)."""
+    checkpoint_every: int = 10
+    """Trial batches between checkpoints in ``ctx.checkpoint_dir`` (a killed run resumes from the last one)."""
 
     def validate(self) -> None:
         for name in ("total_env_steps", "pixel_total_env_steps", "num_trials", "pixel_num_trials", "hidden",
                      "embed", "obs_embed", "conv_channels", "update_epochs", "num_minibatches", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.episodes_per_trial is not None and self.episodes_per_trial < 1:
-            raise ValueError(f"episodes_per_trial must be >= 1 or None, got {self.episodes_per_trial}")
+        for name in ("episodes_per_trial", "segment_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if min(self.num_trials, self.pixel_num_trials) < self.num_minibatches:
-            raise ValueError(f"num_minibatches ({self.num_minibatches}) exceeds the trials per rollout")
+            raise ValueError(f"num_minibatches ({self.num_minibatches}) exceeds the trials per batch")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"total_env_steps": 4_000, "pixel_total_env_steps": 1_200, "num_trials": 8, "pixel_num_trials": 4,
-              "hidden": 32, "embed": 32, "obs_embed": 16, "conv_channels": 8, "update_epochs": 2,
-              "num_minibatches": 2},
-    # Chosen by measurement on 1 CPU thread (see the report in README): ~4 min for Dark Room.
-    "quick": {"total_env_steps": 3_000_000, "pixel_total_env_steps": 150_000, "num_trials": 64,
-              "pixel_num_trials": 16, "hidden": 128, "embed": 128, "obs_embed": 32, "lr": 1e-3},
+              "segment_steps": 40, "hidden": 32, "embed": 32, "obs_embed": 16, "conv_channels": 8,
+              "update_epochs": 2, "num_minibatches": 2},
+    # Chosen by measurement on 1 CPU thread: ~4 min for Dark Room (see the method's README notes).
+    "quick": {"total_env_steps": 5_000_000, "pixel_total_env_steps": 150_000, "num_trials": 128,
+              "pixel_num_trials": 16, "segment_steps": 200, "num_minibatches": 2, "hidden": 64, "embed": 64, "obs_embed": 32,
+              "gae_lambda": 0.95, "lr": 1e-3},
 }
 
 
@@ -168,8 +176,12 @@ class RL2Error(AdaptBenchError, ValueError):
 
 # -------------------------------------------------------------------------------------------------- trials
 @dataclass
-class Trials:
-    """One batch of lockstep trials, time-major ``(T, B)``; steps after a trial's last episode are padding."""
+class Segment:
+    """A stretch of lockstep trials, time-major ``(T, B)``; steps after a trial's last episode are padding.
+
+    ``obs[t]``, ``prev_*[t]`` are the inputs at step ``t``; ``h0`` the GRU state before step 0 (zero at a trial's
+    start); ``last_value`` the value after the segment (0 where the trial is over, the trial's terminal).
+    """
 
     obs: torch.Tensor
     prev_action: torch.Tensor
@@ -180,74 +192,109 @@ class Trials:
     value: torch.Tensor
     reward: torch.Tensor
     valid: torch.Tensor
-    episode_returns: np.ndarray
-    """``(B, episodes)`` undiscounted return of every episode of every trial."""
+    h0: torch.Tensor
+    last_value: torch.Tensor
+    new_trial: bool
+    """The segment starts a trial (``h0`` is zero)."""
+    episode_returns: np.ndarray | None
+    """``(B, episodes)`` undiscounted return of every episode, set on the segment that ends the trials."""
 
 
-def run_trials(agent: RL2Agent, core: Any, episodes: int, max_steps: int, gen: torch.Generator,
-               device: str) -> Trials:
-    """Run one trial of ``episodes`` episodes per env of ``core`` with hidden state carried across episodes.
+class TrialRunner:
+    """Runs one trial per env of a batched core, all in lockstep, in segments of at most ``segment`` steps.
 
-    Finished episodes are restarted with ``core.reset(mask)`` until every trial has ``episodes`` episodes; the
-    GRU state starts at zero (a new trial) and is never reset inside the trial.
+    A trial is ``episodes`` episodes of one task: finished episodes restart with ``core.reset(mask)``, the GRU
+    state is carried across their boundaries and only zeroed when a new trial starts (new tasks from
+    ``sample_tasks``, a new core). A trial that ends before the others (terminating tasks) idles as padding.
     """
-    n = core.num_envs
-    obs_np = core.reset()
-    obs_buf = torch.empty((max_steps, *obs_np.shape), dtype=torch.from_numpy(obs_np).dtype)
-    keys = ("prev_action", "action")
-    longs = {k: torch.full((max_steps, n), -1, dtype=torch.long) for k in keys}
-    floats = {k: torch.zeros(max_steps, n) for k in ("prev_reward", "prev_done", "logprob", "value", "reward")}
-    valid = torch.zeros(max_steps, n, dtype=torch.bool)
-    ep_returns = np.zeros((n, episodes))
-    ep_index = np.zeros(n, dtype=np.int64)  # episode each trial is in; == episodes once the trial is over
-    prev_a = torch.full((n,), -1, dtype=torch.long)
-    prev_r, prev_d = torch.zeros(n), torch.zeros(n)
-    h = agent.initial_state(n)
-    t = 0
-    with torch.no_grad():
-        while t < max_steps and (ep_index < episodes).any():
-            active = torch.from_numpy(ep_index < episodes)
-            obs = torch.from_numpy(obs_np)
-            logits, value, h = agent(obs.to(device)[None], prev_a.to(device)[None], prev_r.to(device)[None],
-                                     prev_d.to(device)[None], h)
-            probs = torch.softmax(logits[0].float().cpu(), dim=-1)
-            action = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            obs_buf[t] = obs
-            longs["prev_action"][t], longs["action"][t] = prev_a, action
-            floats["prev_reward"][t], floats["prev_done"][t] = prev_r, prev_d
-            floats["logprob"][t] = torch.log(probs.gather(-1, action[:, None]).squeeze(-1).clamp_min(1e-12))
-            floats["value"][t] = value[0].cpu()
-            valid[t] = active
-            obs_np, reward, terminated, truncated = core.step(action.numpy())
-            ended = (terminated | truncated) & active.numpy()
-            live = active.numpy()
-            ep_returns[live, ep_index[live]] += reward[live]
-            floats["reward"][t] = torch.from_numpy(np.where(live, reward, 0.0).astype(np.float32))
-            ep_index += ended
-            restart = ended & (ep_index < episodes)
+
+    def __init__(self, agent: RL2Agent, spec: TaskSpec, episodes: int, sample_tasks: Callable[[], list[Any]],
+                 gen: torch.Generator, device: str) -> None:
+        self.agent, self.spec, self.episodes, self.sample_tasks = agent, spec, episodes, sample_tasks
+        self.gen, self.device = gen, device
+        self.core: Any = None
+        self.max_trial_steps = episodes * spec.episode_length
+
+    @property
+    def trial_over(self) -> bool:
+        return self.core is None or bool((self.ep_index >= self.episodes).all())
+
+    def start_trial(self) -> None:
+        self.core = load_target(self.spec.batched_core)(self.spec, list(self.sample_tasks()))  # type: ignore[arg-type]
+        n = self.core.num_envs
+        self.obs = self.core.reset()
+        self.h = self.agent.initial_state(n)  # the only place the hidden state is reset
+        self.prev_a = np.full(n, -1, dtype=np.int64)
+        self.prev_r, self.prev_d = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        self.ep_index = np.zeros(n, dtype=np.int64)  # episode each trial is in; == episodes once it is over
+        self.ep_returns = np.zeros((n, self.episodes))
+        self.t = 0
+
+    def _inputs(self) -> tuple[torch.Tensor, ...]:
+        dev = self.device
+        return (torch.from_numpy(self.obs).to(dev)[None], torch.from_numpy(self.prev_a).to(dev)[None],
+                torch.from_numpy(self.prev_r).to(dev)[None], torch.from_numpy(self.prev_d).to(dev)[None])
+
+    @torch.no_grad()
+    def collect(self, max_steps: int | None = None, store: bool = True) -> Segment:
+        """Step up to ``max_steps`` (default: to the trial's end); a finished trial is replaced by a new one first.
+
+        ``store=False`` keeps no per-step buffers (evaluation): only ``episode_returns`` is meaningful.
+        """
+        new_trial = self.trial_over
+        if new_trial:
+            self.start_trial()
+        n, episodes = self.core.num_envs, self.episodes
+        steps = min(max_steps or self.max_trial_steps, self.max_trial_steps - self.t)
+        T = steps if store else 0
+        buf = {"obs": np.empty((T, *self.obs.shape), self.obs.dtype), "prev_action": np.full((T, n), -1),
+               "action": np.zeros((T, n), np.int64), "valid": np.zeros((T, n), bool)}
+        for k in ("prev_reward", "prev_done", "logprob", "value", "reward"):
+            buf[k] = np.zeros((T, n), np.float32)
+        h0, t = self.h.clone(), 0
+        while t < steps and not self.trial_over:
+            live = self.ep_index < episodes
+            logits, value, self.h = self.agent(*self._inputs(), self.h)
+            probs = torch.softmax(logits[0].float(), dim=-1).cpu()
+            action = torch.multinomial(probs, 1, generator=self.gen).squeeze(-1).numpy()
+            if store:
+                buf["obs"][t], buf["prev_action"][t], buf["action"][t] = self.obs, self.prev_a, action
+                buf["prev_reward"][t], buf["prev_done"][t], buf["valid"][t] = self.prev_r, self.prev_d, live
+                buf["logprob"][t] = np.log(np.maximum(probs.numpy()[np.arange(n), action], 1e-12))
+                buf["value"][t] = value[0].cpu().numpy()
+            self.obs, reward, terminated, truncated = self.core.step(action)
+            reward = np.where(live, reward, 0.0).astype(np.float32)
+            ended = (terminated | truncated) & live
+            self.ep_returns[live, self.ep_index[live]] += reward[live]
+            self.ep_index += ended
+            restart = ended & (self.ep_index < episodes)
             if restart.any():
-                obs_np = core.reset(restart)
-            prev_a = torch.where(active, action, prev_a)
-            prev_r = torch.from_numpy(np.where(live, reward, 0.0).astype(np.float32))
-            prev_d = torch.from_numpy(ended.astype(np.float32))
+                self.obs = self.core.reset(restart)
+            if store:
+                buf["reward"][t] = reward
+            self.prev_a = np.where(live, action, self.prev_a)
+            self.prev_r, self.prev_d = reward, ended.astype(np.float32)
             t += 1
-    if (ep_index < episodes).any():
-        raise RL2Error(f"a trial did not finish {episodes} episodes within {max_steps} steps")
-    return Trials(obs_buf[:t], longs["prev_action"][:t], floats["prev_reward"][:t], floats["prev_done"][:t],
-                  longs["action"][:t], floats["logprob"][:t], floats["value"][:t], floats["reward"][:t], valid[:t],
-                  ep_returns)
+            self.t += 1
+        if self.t >= self.max_trial_steps and not self.trial_over:
+            raise RL2Error(f"a trial did not finish {episodes} episodes within {self.max_trial_steps} steps")
+        _, last_value, _ = self.agent(*self._inputs(), self.h)
+        last_value = torch.where(torch.from_numpy(self.ep_index < episodes), last_value[0].cpu(), 0.0)
+        tensors = {k: torch.from_numpy(v[:t]) for k, v in buf.items()}
+        return Segment(**tensors, h0=h0, last_value=last_value, new_trial=new_trial,
+                       episode_returns=self.ep_returns.copy() if self.trial_over else None)
 
 
-def trial_gae(reward: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, gamma: float,
-              lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over whole trials ``(T, B)``: no cut at episode boundaries, the trial's last valid step is terminal.
+def trial_gae(reward: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, last_value: torch.Tensor,
+              gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over trials ``(T, B)``: no cut at episode boundaries; a trial's last valid step is terminal, and a
+    segment that stops mid-trial bootstraps from ``last_value`` (0 for trials that are over).
 
     Returns ``(advantages, returns)``, zero on padding steps.
     """
-    T = reward.shape[0]
     adv = torch.zeros_like(reward)
-    next_value, next_adv = torch.zeros(reward.shape[1]), torch.zeros(reward.shape[1])
-    for t in reversed(range(T)):
+    next_value, next_adv = last_value.clone(), torch.zeros(reward.shape[1])
+    for t in reversed(range(reward.shape[0])):
         # a padding step after the trial contributes nothing, so the last valid step bootstraps from 0
         delta = reward[t] + gamma * next_value - value[t]
         adv[t] = torch.where(valid[t], delta + gamma * lam * next_adv, 0.0)
@@ -256,31 +303,32 @@ def trial_gae(reward: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, ga
     return adv, (adv + value) * valid
 
 
-class RunningStd:
-    """Running std of the discounted return, to scale rewards (CleanRL's ``NormalizeReward``)."""
+class RewardScaler:
+    """Divides rewards by a running std of the discounted return (CleanRL's ``NormalizeReward``); the return is
+    accumulated across segments and restarted with each trial, the unit over which RL² discounts."""
 
-    def __init__(self) -> None:
-        self.count, self.mean, self.var = 1e-4, 0.0, 1.0
+    def __init__(self, gamma: float) -> None:
+        self.gamma, self.count, self.mean, self.var = gamma, 1e-4, 0.0, 1.0
+        self.acc: torch.Tensor | None = None
 
-    def update(self, x: np.ndarray) -> None:
-        b_mean, b_var, b_count = float(x.mean()), float(x.var()), x.size
-        delta, total = b_mean - self.mean, self.count + b_count
-        self.mean += delta * b_count / total
-        self.var = (self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total) / total
-        self.count = total
+    def __call__(self, seg: Segment) -> torch.Tensor:
+        if self.acc is None or seg.new_trial:
+            self.acc = torch.zeros(seg.reward.shape[1])
+        rets = torch.zeros_like(seg.reward)
+        for t in range(seg.reward.shape[0]):
+            self.acc = self.acc * self.gamma + seg.reward[t]
+            rets[t] = self.acc
+        x = rets[seg.valid].double().numpy()
+        if x.size:
+            b_mean, b_var, b_count = float(x.mean()), float(x.var()), x.size
+            delta, total = b_mean - self.mean, self.count + b_count
+            self.mean += delta * b_count / total
+            self.var = (self.var * self.count + b_var * b_count + delta**2 * self.count * b_count / total) / total
+            self.count = total
+        return seg.reward / float(np.sqrt(self.var) + 1e-8)
 
-    @property
-    def std(self) -> float:
-        return float(np.sqrt(self.var) + 1e-8)
-
-
-def discounted_returns(reward: torch.Tensor, gamma: float) -> np.ndarray:
-    """The running discounted return at every step ``(T, B)`` (what NormalizeReward tracks)."""
-    out, acc = torch.zeros_like(reward), torch.zeros(reward.shape[1])
-    for t in range(reward.shape[0]):
-        acc = acc * gamma + reward[t]
-        out[t] = acc
-    return out.numpy()
+    def state(self) -> list[float]:
+        return [self.count, self.mean, self.var]
 
 
 # ---------------------------------------------------------------------------------------------------- PPO
@@ -291,13 +339,14 @@ class PPO:
         self.agent, self.cfg, self.device = agent, cfg, device
         self.opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
 
-    def loss(self, batch: Trials, adv: torch.Tensor, ret: torch.Tensor, idx: torch.Tensor
+    def loss(self, batch: Segment, adv: torch.Tensor, ret: torch.Tensor, idx: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """PPO loss of the trials ``idx`` of ``batch`` (recomputed from the zero state through the whole trial)."""
+        """PPO loss of the trials ``idx`` of ``batch``, the GRU re-run over the segment from its stored start
+        state (exact BPTT when the segment is the whole trial, truncated at the segment start otherwise)."""
         cfg, dev = self.cfg, self.device
         logits, value, _ = self.agent(batch.obs[:, idx].to(dev), batch.prev_action[:, idx].to(dev),
                                       batch.prev_reward[:, idx].to(dev), batch.prev_done[:, idx].to(dev),
-                                      self.agent.initial_state(len(idx)))
+                                      batch.h0[:, idx].to(dev))
         valid = batch.valid[:, idx].to(dev)
         n = valid.sum().clamp_min(1)
         logp_all = torch.log_softmax(logits, dim=-1)
@@ -319,7 +368,7 @@ class PPO:
                       "losses/entropy": entropy.item(), "losses/approx_kl": approx_kl.item(),
                       "losses/clipfrac": clipfrac.item(), "losses/total": loss.item()}
 
-    def update(self, batch: Trials, adv: torch.Tensor, ret: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
+    def update(self, batch: Segment, adv: torch.Tensor, ret: torch.Tensor, gen: torch.Generator) -> dict[str, float]:
         cfg = self.cfg
         B = batch.valid.shape[1]
         sums: dict[str, float] = {}
@@ -338,20 +387,18 @@ class PPO:
 
 
 # ----------------------------------------------------------------------------------------------------- method
-def make_core(spec: TaskSpec, tasks: Any) -> Any:
-    return load_target(spec.batched_core)(spec, list(tasks))  # type: ignore[arg-type]
-
-
 def evaluate(agent: RL2Agent, spec: TaskSpec, tasks: Any, episodes: int, gen: torch.Generator,
              device: str) -> np.ndarray:
     """``(len(tasks), episodes)`` returns of one in-context trial per task, frozen weights, actions sampled."""
     was_training = agent.training
     agent.eval()
     try:
-        trials = run_trials(agent, make_core(spec, tasks), episodes, episodes * spec.episode_length, gen, device)
+        runner = TrialRunner(agent, spec, episodes, lambda: list(tasks), gen, device)
+        returns = runner.collect(store=False).episode_returns
     finally:
         agent.train(was_training)
-    return trials.episode_returns
+    assert returns is not None  # collect() without a step limit runs the trial to its end
+    return returns
 
 
 class RL2Method:
@@ -388,51 +435,51 @@ class RL2Method:
         episodes = cfg.episodes_per_trial or ctx.budget.eval_episodes
         if episodes < 1:
             raise RL2Error(f"a trial needs at least one episode, got {episodes} (episodes_per_trial / eval_episodes)")
-        max_steps = episodes * spec.episode_length
         device = ctx.device
         gen = torch.Generator().manual_seed(int(ctx.rng.integers(2**62)))
         agent = RL2Agent(obs_space, num_actions, cfg).to(device)
         ppo = PPO(agent, cfg, device)
-        rew_std = RunningStd()
-        state = {"iteration": 0, "env_steps": 0, "rows": []}
+        scaler = RewardScaler(cfg.gamma)
+        state: dict[str, Any] = {"trials": 0, "env_steps": 0, "rows": []}
         ckpt = ctx.checkpoint_dir / "rl2.pt"
-        if ckpt.is_file():  # a killed run picks up where it stopped, rows included
+        if ckpt.is_file():  # a killed run picks up at its last finished trial batch, logged rows included
             saved = torch.load(ckpt, map_location=device, weights_only=True)
             agent.load_state_dict(saved["agent"])
             ppo.opt.load_state_dict(saved["opt"])
             gen.set_state(saved["gen"])
             ctx.rng.bit_generator.state = saved["rng"]
-            rew_std.count, rew_std.mean, rew_std.var = saved["rew_std"]
+            scaler.count, scaler.mean, scaler.var = saved["scaler"]
             state = {k: saved[k] for k in state}
             for step, metrics in state["rows"]:
                 ctx.log(step, metrics)
-        t0 = time.time()
-        while state["env_steps"] < total:
-            tasks = [train[i] for i in ctx.rng.integers(len(train), size=n_trials)]
-            batch = run_trials(agent, make_core(spec, tasks), episodes, max_steps, gen, device)
-            reward = batch.reward
-            if cfg.norm_reward:
-                rew_std.update(discounted_returns(reward, cfg.gamma)[batch.valid.numpy()])
-                reward = reward / rew_std.std
-            adv, ret = trial_gae(reward, batch.value, batch.valid, cfg.gamma, cfg.gae_lambda)
-            metrics = ppo.update(batch, adv, ret, gen)
-            state["iteration"] += 1
-            state["env_steps"] += int(batch.valid.sum())
-            ep = batch.episode_returns
-            metrics |= {"charts/trial_return": float(ep.sum(1).mean()), "charts/first_episode_return":
-                        float(ep[:, 0].mean()), "charts/last_episode_return": float(ep[:, -1].mean()),
-                        "charts/sps": state["env_steps"] / max(time.time() - t0, 1e-9)}
+
+        def sample_tasks() -> list[Any]:
+            return [train[i] for i in ctx.rng.integers(len(train), size=n_trials)]
+
+        runner = TrialRunner(agent, spec, episodes, sample_tasks, gen, device)
+        t0, steps0 = time.time(), state["env_steps"]
+        while state["env_steps"] < total or not runner.trial_over:  # always finish the trial batch in flight
+            seg = runner.collect(cfg.segment_steps)
+            reward = scaler(seg) if cfg.norm_reward else seg.reward
+            adv, ret = trial_gae(reward, seg.value, seg.valid, seg.last_value, cfg.gamma, cfg.gae_lambda)
+            metrics = ppo.update(seg, adv, ret, gen)
+            state["env_steps"] += int(seg.valid.sum())
+            metrics["charts/sps"] = (state["env_steps"] - steps0) / max(time.time() - t0, 1e-9)
+            if seg.episode_returns is not None:  # a batch of trials just ended
+                ep = seg.episode_returns
+                state["trials"] += len(ep)
+                metrics |= {"charts/trial_return": float(ep.sum(1).mean()),
+                            "charts/first_episode_return": float(ep[:, 0].mean()),
+                            "charts/last_episode_return": float(ep[:, -1].mean())}
             ctx.log(state["env_steps"], metrics)
             state["rows"].append((state["env_steps"], metrics))
-            ctx.progress(0.95 * state["env_steps"] / total, f"{state['env_steps']}/{total} env steps")
-            if state["iteration"] % cfg.checkpoint_every == 0:
+            ctx.progress(0.95 * min(state["env_steps"] / total, 1.0), f"{state['env_steps']}/{total} env steps")
+            if runner.trial_over and (state["trials"] // n_trials) % cfg.checkpoint_every == 0:
                 tmp = ckpt.with_suffix(".tmp")  # written aside and renamed: a kill never leaves half a file
                 torch.save({"agent": agent.state_dict(), "opt": ppo.opt.state_dict(), "gen": gen.get_state(),
-                            "rng": ctx.rng.bit_generator.state, "rew_std": (rew_std.count, rew_std.mean,
-                            rew_std.var), **state}, tmp)
+                            "rng": ctx.rng.bit_generator.state, "scaler": scaler.state(), **state}, tmp)
                 os.replace(tmp, ckpt)
         returns = evaluate(agent, spec, spec.test_split(ctx.preset), ctx.budget.eval_episodes, gen, device)
         for k, value in enumerate(returns.mean(axis=0)):
             ctx.log(k, {EVAL_KEY: float(value)}, axis="episode")
         ctx.progress(1.0, "evaluated")
-

@@ -11,6 +11,10 @@ ENTRY_POINT_GROUP = "adapt_bench.methods"
 _BUILTIN = {
     "random": "baselines.reference:RandomMethod",
     "oracle": "baselines.reference:OracleMethod",
+    "ad": "baselines.ad:AlgorithmDistillation",
+    "ed": "baselines.ad:ExpertDistillation",
+    "source-a2c": "baselines.source:SourceMethod",
+    "rl2": "baselines.rl2:RL2Method",
     "drqv2": "baselines.drqv2:DrQV2",
     "drqv2-noaug": "baselines.drqv2:DrQV2NoAug",
     "drqv2-rr1": "baselines.drqv2:DrQV2RR1",

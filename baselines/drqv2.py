@@ -1,0 +1,586 @@
+"""DrQ-v2 (Yarats et al. 2021, https://arxiv.org/abs/2107.09645) with the plasticity diagnostics of Ma et al. 2024
+("Revisiting Plasticity in Visual RL", https://arxiv.org/abs/2310.07418): FAU, replay ratio, Adaptive Replay
+Ratio, Reset and Plasticity Injection, as switches on one agent.
+
+Structure and settings follow facebookresearch/drqv2 (``drqv2.py``, ``cfgs/config.yaml``, ``cfgs/task/*.yaml``):
+augmentation, encoder, actor, critic, agent; :class:`Trainer` is the reference's ``train.py`` loop on a pixel DMC
+task (``tasks/dmc.py``), with evaluation rows, FAU and ARR logged through ``ctx.log`` against frames, and
+checkpoint / resume in ``ctx.checkpoint_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.plasticity import AdaptiveReplayRatio, FAUMonitor, InjectedHead, UpdateSchedule, reinitialize
+from baselines.replay import CheckpointError, FrameReplay, RunCheckpoints
+from bench.evaluation import EVAL_KEY, control_eval_points, evaluate_episodes
+from bench.method import RunContext
+from bench.registry import AdaptBenchError
+from tasks.spec import TaskSpec
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear schedule from ``start`` to ``end`` over ``frames`` frames, then constant (DrQ-v2 ``linear(a,b,n)``)."""
+
+    start: float
+    end: float
+    frames: int
+
+    def __call__(self, frame: int) -> float:
+        mix = min(max(frame / self.frames, 0.0), 1.0) if self.frames > 0 else 1.0
+        return (1.0 - mix) * self.start + mix * self.end
+
+
+@dataclass
+class Config:
+    """DrQ-v2 as published (``cfgs/config.yaml``, ``cfgs/task/easy.yaml``); frames = agent steps x action repeat 2."""
+
+    augment: bool = True
+    """Random-shift augmentation of obs and next obs; the only difference between drqv2 and drqv2-noaug."""
+    aug_pad: int = 4
+    """Pixels of replicate padding before the random shift (``RandomShiftsAug(pad=4)``)."""
+    feature_dim: int = 50
+    """Width of the actor's and critic's Linear-LayerNorm-Tanh trunk."""
+    hidden_dim: int = 1024
+    """Width of the two hidden ReLU layers of the actor and of each Q head."""
+    lr: float = 1e-4
+    """Adam learning rate of encoder, actor and critic."""
+    batch_size: int = 256
+    """Transitions per update (walker tasks: 512)."""
+    nstep: int = 3
+    """n of the n-step TD target (walker tasks: 1)."""
+    discount: float = 0.99
+    """Discount gamma."""
+    tau: float = 0.01
+    """Polyak rate of the target critic (``critic_target_tau``)."""
+    seed_frames: int = 4000
+    """Frames of uniform random actions before the first update (``num_seed_frames``, ``num_expl_steps`` x 2)."""
+    std_schedule: Linear = Linear(1.0, 0.1, 200_000)
+    """Exploration std against frames (easy: linear(1.0, 0.1, 100k agent steps); medium tasks: 500k steps)."""
+    std_clip: float = 0.3
+    """Clip of the target-policy and actor-loss action noise (``stddev_clip``)."""
+    buffer_size: int = 1_000_000
+    """Replay capacity in observations (``replay_buffer_size``; quadruped-run: 100k)."""
+    replay_ratio: float = 0.5
+    """Updates per agent step, each on a fresh batch (DrQ-v2: one update every 2 steps)."""
+    arr: bool = False
+    """Adaptive Replay Ratio: start at ``replay_ratio``, switch once to ``arr_high_ratio`` (Ma et al. Sec. 6)."""
+    arr_high_ratio: float = 2.0
+    """Replay ratio after ARR's switch."""
+    arr_interval_episodes: int = 50
+    """Episodes between ARR's comparisons of the critic's FAU (paper: 50 episodes = 50k frames)."""
+    arr_threshold: float = 0.001
+    """ARR switches when the critic's FAU changed by at most this between two comparisons."""
+    reset_interval_frames: int = 0
+    """Reset: re-initialise actor and critic (all but the encoder) every this many frames; 0 = never."""
+    inject_at_frame: int = 0
+    """Plasticity Injection into the critic's Q heads at this frame; 0 = never."""
+
+    def validate(self) -> None:
+        positive = ("feature_dim", "hidden_dim", "batch_size", "nstep", "buffer_size", "arr_interval_episodes", "lr",
+                    "replay_ratio", "arr_high_ratio", "discount", "tau")
+        for name in positive + ("aug_pad", "seed_frames", "reset_interval_frames", "inject_at_frame"):
+            value = getattr(self, name)
+            if value < 0 or (name in positive and value <= 0) or (name in ("discount", "tau") and value > 1):
+                raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}"
+                                 f"{' and <= 1' if name in ('discount', 'tau') else ''}, got {value!r}")
+
+
+# Smoke: seconds (CI). Quick: the task's 40k-frame budget on one core of a 2-core CPU, sized by
+# tests/bench_drqv2.py: an update's cost is the encoder's convolutions, linear in the batch (batch 32: ~0.2 CPU s,
+# 8x less than 256) and nearly independent of the hidden width (1024 costs ~8% more than 256), so the paper's width
+# stays; the exploration-noise schedule is rescaled from 200k to 20k frames to end inside the budget. One quick run
+# is ~9k updates at replay ratio 0.5 (~30 CPU min) plus 32.5k rendered steps (~5 min); ratio 2 is ~4x the updates.
+SMOKE: dict[str, Any] = {"hidden_dim": 32, "feature_dim": 16, "batch_size": 4, "seed_frames": 800,
+                         "std_schedule": Linear(1.0, 0.1, 1000), "arr_interval_episodes": 1, "arr_threshold": 1.0}
+QUICK: dict[str, Any] = {"batch_size": 32, "std_schedule": Linear(1.0, 0.1, 20_000)}
+
+# cfgs/task/*.yaml: per-task settings of the reference. They replace a field only while it holds the paper
+# default, so a preset's or the command line's explicit value wins.
+_MEDIUM = {"acrobot-swingup", "cartpole-swingup_sparse", "cheetah-run", "finger-turn_easy", "finger-turn_hard",
+           "hopper-hop", "quadruped-walk", "quadruped-run", "reacher-easy", "reacher-hard", "walker-run"}
+_TASK_SETTINGS: dict[str, dict[str, Any]] = {
+    **{name: {"std_schedule": Linear(1.0, 0.1, 1_000_000)} for name in _MEDIUM},  # medium: 500k agent steps
+    "walker-*": {"nstep": 1, "batch_size": 512},
+}
+_TASK_SETTINGS["quadruped-run"] = {**_TASK_SETTINGS["quadruped-run"], "buffer_size": 100_000}
+
+
+def task_config(config: Config, task: TaskSpec) -> Config:
+    """``config`` with the reference's per-task settings for ``task`` (fields still at their paper default)."""
+    domain, name = task.kwargs.get("domain"), task.kwargs.get("task")
+    paper = type(config)()
+    changes: dict[str, Any] = {}
+    for key in (f"{domain}-*", f"{domain}-{name}"):
+        for field, value in _TASK_SETTINGS.get(key, {}).items():
+            if getattr(config, field) == getattr(paper, field):
+                changes[field] = value
+    return dataclasses.replace(config, **changes)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+def weight_init(m: nn.Module) -> None:
+    """DrQ-v2 ``utils.weight_init``: orthogonal weights (ReLU gain for convolutions), zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.orthogonal_(m.weight.data)
+        if m.bias is not None:
+            m.bias.data.fill_(0.0)
+    elif isinstance(m, nn.Conv2d):
+        nn.init.orthogonal_(m.weight.data, nn.init.calculate_gain("relu"))
+        if m.bias is not None:
+            m.bias.data.fill_(0.0)
+
+
+class RandomShiftsAug(nn.Module):
+    """Pad by ``pad`` pixels (replicate), then crop back at a random integer offset per image.
+
+    The reference draws integer shifts and samples them with ``grid_sample`` at pixel centres, which copies
+    pixels: a crop is the same image, exactly, and on a CPU 4x cheaper than ``grid_sample`` and 12x cheaper than
+    one advanced-indexing gather (``tests/bench_drqv2.py``). Each call draws new shifts, so obs and next obs
+    (two calls) are shifted independently.
+    """
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.pad == 0:
+            return x
+        padded = F.pad(x, (self.pad,) * 4, mode="replicate")
+        shift = torch.randint(0, 2 * self.pad + 1, (n, 2), device=x.device).tolist()  # (dx, dy) per image
+        return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dx, dy) in enumerate(shift)])
+
+
+class Encoder(nn.Module):
+    """Four 3x3 convolutions with 32 channels, the first with stride 2, on ``obs / 255 - 0.5``."""
+
+    def __init__(self, obs_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convnet = nn.Sequential(
+            nn.Conv2d(obs_shape[0], 32, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1), nn.ReLU(),
+        )
+        side = (obs_shape[1] - 3) // 2 + 1 - 6
+        self.repr_dim = 32 * side * side  # 32 x 35 x 35 at 84 px
+        self.apply(weight_init)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.convnet(obs.float() / 255.0 - 0.5).flatten(1)
+
+
+def _trunk(repr_dim: int, feature_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+
+
+def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+
+class Actor(nn.Module):
+    """Deterministic policy mean ``tanh(mu)``; the agent adds clipped Gaussian noise (``TruncatedNormal``)."""
+
+    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.trunk = _trunk(repr_dim, feature_dim)
+        self.policy = _mlp(feature_dim, hidden_dim, action_dim)
+        self.apply(weight_init)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.policy(self.trunk(h)))
+
+
+class Critic(nn.Module):
+    """Twin Q heads on a shared trunk, the action concatenated to the trunk's features."""
+
+    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.head_dims = (feature_dim + action_dim, hidden_dim)
+        self.trunk = _trunk(repr_dim, feature_dim)
+        self.Q1 = _mlp(*self.head_dims, 1)
+        self.Q2 = _mlp(*self.head_dims, 1)
+        self.apply(weight_init)
+
+    def forward(self, h: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.trunk(h), action], dim=-1)
+        return self.Q1(x), self.Q2(x)
+
+    def relus(self) -> list[nn.Module]:
+        """The hidden ReLU layers whose FAU is the critic's (after injection: those of the learning heads)."""
+        heads = [q.fresh if isinstance(q, InjectedHead) else q for q in (self.Q1, self.Q2)]
+        return [m for q in heads for m in q if isinstance(m, nn.ReLU)]
+
+
+def _adam(params, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch has it (10x faster on a CPU than the per-tensor loop)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # an older torch without CPU support for the fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
+def sample_action(mu: torch.Tensor, std: float, clip: float | None) -> torch.Tensor:
+    """DrQ-v2 ``TruncatedNormal.sample``: ``mu`` + (clipped) noise, clamped to (-1, 1) with a straight-through
+    gradient to ``mu``."""
+    eps = torch.randn_like(mu) * std
+    if clip is not None:
+        eps = eps.clamp(-clip, clip)
+    x = mu + eps
+    return x - x.detach() + x.clamp(-1.0 + 1e-6, 1.0 - 1e-6).detach()
+
+
+# ---------------------------------------------------------------------------------------------- agent
+class DrQV2Agent:
+    """Encoder, actor, twin critic and target critic; only the critic's loss trains the encoder."""
+
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: Config, device: str = "cpu") -> None:
+        self.cfg, self.device = cfg, torch.device(device)
+        self.encoder = Encoder(obs_shape).to(self.device)
+        dims = (self.encoder.repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim)
+        self.actor = Actor(*dims).to(self.device)
+        self.critic = Critic(*dims).to(self.device)
+        self.critic_target = Critic(*dims).to(self.device)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.encoder_opt, self.actor_opt, self.critic_opt = (
+            _adam(m.parameters(), cfg.lr) for m in (self.encoder, self.actor, self.critic))
+        self.aug: nn.Module = RandomShiftsAug(cfg.aug_pad) if cfg.augment else nn.Identity()
+        self.injected = False
+        self.fau = FAUMonitor()
+        self.fau.watch("encoder", [m for m in self.encoder.convnet if isinstance(m, nn.ReLU)])
+        self.fau.watch("actor", [m for m in self.actor.policy if isinstance(m, nn.ReLU)])
+        self.fau.watch("critic", self.critic.relus())
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, frame: int, explore: bool) -> np.ndarray:
+        """The policy's mean action (evaluation) or one with N(0, std(frame)) noise, unclipped (exploration)."""
+        mu = self.actor(self.encoder(torch.as_tensor(obs, device=self.device).unsqueeze(0)))
+        if explore:
+            mu = sample_action(mu, self.cfg.std_schedule(frame), clip=None)
+        return mu[0].cpu().numpy()
+
+    def update(self, batch: dict[str, np.ndarray], frame: int) -> dict[str, float]:
+        """One update of critic (with encoder), actor and target on ``batch``; returns the losses and Q values."""
+        obs, action, reward, discount, next_obs = (
+            torch.as_tensor(batch[k], device=self.device) for k in ("obs", "action", "reward", "discount", "next_obs"))
+        obs, next_obs = self.aug(obs.float()), self.aug(next_obs.float())  # two draws: independent shifts
+        with self.fau.record("encoder"):
+            h = self.encoder(obs)
+        with torch.no_grad():
+            next_h = self.encoder(next_obs)
+        std = self.cfg.std_schedule(frame)
+        metrics = self.update_critic(h, action, reward, discount, next_h, std)
+        metrics.update(self.update_actor(h.detach(), std))
+        with torch.no_grad():
+            for target, param in zip(self.critic_target.parameters(), self.critic.parameters(), strict=True):
+                target.lerp_(param, self.cfg.tau)
+        return metrics
+
+    def update_critic(self, h, action, reward, discount, next_h, std: float) -> dict[str, float]:
+        with torch.no_grad():
+            next_action = sample_action(self.actor(next_h), std, self.cfg.std_clip)
+            target_q = reward + discount * torch.min(*self.critic_target(next_h, next_action))
+        with self.fau.record("critic"):  # the FAU of the forward pass this loss makes, on the training batch
+            q1, q2 = self.critic(h, action)
+        loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        self.encoder_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_opt.step()
+        self.encoder_opt.step()
+        return {"losses/critic": loss.item(), "losses/q1": q1.mean().item(), "losses/target_q": target_q.mean().item()}
+
+    def update_actor(self, h: torch.Tensor, std: float) -> dict[str, float]:
+        with self.fau.record("actor"):
+            mu = self.actor(h)
+        q1, q2 = self.critic(h, sample_action(mu, std, self.cfg.std_clip))
+        loss = -torch.min(q1, q2).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        # gradients for the actor only: the reference also fills the critic's, which its next update zeroes unused
+        loss.backward(inputs=list(self.actor.parameters()))
+        self.actor_opt.step()
+        return {"losses/actor": loss.item()}
+
+    def reset_heads(self) -> None:
+        """Reset (Nikishin et al. 2022): actor and critic re-drawn (target follows), encoder and buffer kept."""
+        reinitialize(self.actor, weight_init, [self.actor_opt])
+        reinitialize(self.critic, weight_init, [self.critic_opt])
+        self.critic_target.load_state_dict(self.critic.state_dict())
+
+    def inject(self) -> None:
+        """Plasticity Injection into both Q heads of critic and target; their outputs are unchanged now."""
+        if self.injected:
+            raise AdaptBenchError("plasticity was already injected into this critic")
+        fresh_params = []
+        for name in ("Q1", "Q2"):
+            fresh = _mlp(*self.critic.head_dims, 1).to(self.device)
+            fresh.apply(weight_init)
+            setattr(self.critic, name, InjectedHead(getattr(self.critic, name), fresh))
+            target_fresh = _mlp(*self.critic.head_dims, 1).to(self.device)
+            target_fresh.load_state_dict(fresh.state_dict())
+            setattr(self.critic_target, name, InjectedHead(getattr(self.critic_target, name), target_fresh))
+            fresh_params += list(fresh.parameters())
+        self.critic_opt.add_param_group({"params": fresh_params})
+        self.fau.watch("critic", self.critic.relus())
+        self.injected = True
+
+    def state_dict(self) -> dict[str, Any]:
+        names = ("encoder", "actor", "critic", "critic_target", "encoder_opt", "actor_opt", "critic_opt")
+        return {name: getattr(self, name).state_dict() for name in names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            getattr(self, name).load_state_dict(value)
+
+
+# ---------------------------------------------------------------------------------------------- training
+class _Greedy:
+    """The evaluation policy for :func:`bench.evaluation.evaluate_episodes`: the mean action."""
+
+    def __init__(self, agent: DrQV2Agent, frame: int) -> None:
+        self.agent, self.frame = agent, frame
+        self.begin_task = self.observe = lambda *args: None
+
+    def act(self, env: Any, obs: np.ndarray) -> np.ndarray:
+        return self.agent.act(obs, self.frame, explore=False)
+
+
+class Trainer:
+    """The reference's ``train.py`` loop: seed frames of uniform actions, then act, update ``replay_ratio``
+    times per agent step, step the env; evaluate every ``budget.eval_every`` frames and at the end.
+
+    Per training episode it logs ``charts/episode_return``, ``charts/replay_ratio``, the mean losses and
+    ``fau/critic``, ``fau/encoder``, ``fau/actor`` (mean over the episode's updates). A checkpoint is written
+    at the first episode end after every ``checkpoint_every`` frames (default: ``eval_every``) and at the end;
+    at an episode end the env holds no state worth saving but its RNG.
+    """
+
+    def __init__(self, ctx: RunContext, cfg: Config, checkpoint_every: int | None = None) -> None:
+        cfg.validate()
+        torch.set_num_threads(ctx.torch_threads)
+        self.ctx, self.cfg = ctx, cfg
+        self.checkpoint_every = checkpoint_every or ctx.budget.eval_every or ctx.budget.train_steps
+        self.env, self.eval_env = ctx.task.make(), ctx.task.make()
+        self.repeat = int(ctx.task.kwargs.get("action_repeat", 2))
+        obs_shape = self.env.observation_space.shape
+        action_dim = int(self.env.action_space.shape[0])
+        self.agent = DrQV2Agent(obs_shape, action_dim, cfg, ctx.device)
+        stack = int(ctx.task.kwargs.get("frame_stack", 3))
+        # never more slots than the run can fill: one per agent step plus one per episode start
+        steps = ctx.budget.train_steps // self.repeat
+        capacity = min(cfg.buffer_size, steps + steps // ctx.task.episode_length + 2)
+        self.rng, replay_rng = (np.random.default_rng(ctx.rng.integers(2**63)) for _ in range(2))
+        self.replay = FrameReplay(max(capacity, stack + cfg.nstep + 1), (obs_shape[0] // stack, *obs_shape[1:]),
+                                  action_dim, stack, cfg.nstep, cfg.discount, replay_rng)
+        self.schedule = UpdateSchedule(cfg.replay_ratio)
+        self.arr = AdaptiveReplayRatio(cfg.replay_ratio, cfg.arr_high_ratio, cfg.arr_interval_episodes,
+                                       cfg.arr_threshold) if cfg.arr else None
+        self.frame = self.episode = self.evals_done = self.last_checkpoint = self._episode_updates = 0
+        self.checkpoints = RunCheckpoints(ctx.checkpoint_dir)
+        self._sums: dict[str, float] = {}  # sums of the update metrics of the episode in progress
+
+    # -------------------------------------------------------------------------------------- loop
+    def train(self) -> None:
+        try:
+            self._train()
+        finally:  # a failed run must not keep its GL contexts
+            self.env.close()
+            self.eval_env.close()
+
+    def _train(self) -> None:
+        ctx, cfg, total = self.ctx, self.cfg, self.ctx.budget.train_steps
+        points = control_eval_points(ctx)
+        self.resume()
+        obs, episode_return = None, 0.0
+        while True:
+            while self.evals_done < len(points) and points[self.evals_done] <= self.frame:
+                self.evaluate(points[self.evals_done])
+            if self.frame >= total:
+                break
+            if obs is None:  # episode start
+                obs, _ = self.env.reset(seed=ctx.seed if self.episode == 0 else None)
+                self.replay.add_first(obs)
+                episode_return = 0.0
+            if self.frame < cfg.seed_frames:
+                action = self.rng.uniform(-1.0, 1.0, self.env.action_space.shape).astype(np.float32)
+            else:
+                action = self.agent.act(obs, self.frame, explore=True)
+                for _ in range(self.schedule.due()):
+                    metrics = self.agent.update(self.replay.sample(cfg.batch_size), self.frame)
+                    self._episode_updates += 1
+                    self._sums = {k: self._sums.get(k, 0.0) + v for k, v in metrics.items()}
+                    if self.arr is not None and self.arr.previous is None:
+                        self.arr.start(self.agent.fau.mean("critic"))
+            obs, reward, terminated, truncated, _ = self.env.step(action)
+            self.replay.add(action, reward, terminated, truncated, obs)
+            self.frame += self.repeat
+            episode_return += float(reward)
+            every = cfg.reset_interval_frames
+            if every and self.frame // every > (self.frame - self.repeat) // every and self.frame < total:
+                self.agent.reset_heads()
+            if cfg.inject_at_frame and self.frame >= cfg.inject_at_frame and not self.agent.injected:
+                self.agent.inject()
+            if terminated or truncated:
+                self.end_episode(episode_return)
+                obs = None
+            ctx.progress(self.frame / total, f"frame {self.frame}")
+
+    def end_episode(self, episode_return: float) -> None:
+        self.episode += 1
+        row = {"charts/episode_return": episode_return, "charts/replay_ratio": self.schedule.ratio}
+        if self._episode_updates:
+            row.update({k: v / self._episode_updates for k, v in self._sums.items()})
+        for group in ("critic", "encoder", "actor"):
+            value = self.agent.fau.take(group)
+            if value is not None:
+                row[f"fau/{group}"] = value
+        if self.arr is not None and self.arr.end_episode(self.episode, row.get("fau/critic"), self.frame):
+            self.schedule.ratio = self.arr.ratio
+            row["charts/arr_switch_frame"] = self.frame
+        self.ctx.log(self.frame, row)
+        self._sums, self._episode_updates = {}, 0
+        every = self.checkpoint_every
+        if self.frame // every > self.last_checkpoint // every or self.frame >= self.ctx.budget.train_steps:
+            self.save_checkpoint()
+
+    def evaluate(self, frame: int) -> None:
+        ret = evaluate_episodes(self.ctx, self.eval_env, _Greedy(self.agent, frame), self.ctx.budget.eval_episodes)
+        self.ctx.log(frame, {EVAL_KEY: ret})
+        self.evals_done += 1
+
+    # -------------------------------------------------------------------------------------- checkpoints
+    def _generators(self) -> dict[str, np.random.Generator]:
+        return {"ctx": self.ctx.rng, "trainer": self.rng, "env": self.env.unwrapped.np_random}
+
+    def save_checkpoint(self) -> None:
+        """Networks, optimisers, replay, RNG states, counters and the rows logged so far (see RunCheckpoints)."""
+        counters = {"frame": self.frame, "episode": self.episode, "evals_done": self.evals_done,
+                    "injected": self.agent.injected, "schedule": self.schedule.state_dict(),
+                    "arr": None if self.arr is None else self.arr.state_dict()}
+        state = {"config": dataclasses.asdict(self.cfg), "counters": counters, "rows": list(self.ctx.log.rows)}
+        self.checkpoints.save(self.frame, {"agent": self.agent.state_dict()}, state, self.replay, self._generators())
+        self.last_checkpoint = self.frame
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint in ``ctx.checkpoint_dir``, if any, and re-log its rows."""
+        found = self.checkpoints.load(self.agent.device)
+        if found is None:
+            return
+        state, tensors = found
+        if state["config"] != json.loads(json.dumps(dataclasses.asdict(self.cfg))):
+            raise CheckpointError(f"checkpoint in {self.checkpoints.root} was written with another config; delete "
+                                  f"it to start afresh")
+        self.checkpoints.load_replay(self.replay, state)
+        counters = state["counters"]
+        if counters["injected"]:
+            self.agent.inject()  # rebuild the injected heads before loading their weights
+        self.agent.load_state_dict(tensors["agent"])
+        self.frame, self.episode, self.evals_done = counters["frame"], counters["episode"], counters["evals_done"]
+        self.schedule.load_state_dict(counters["schedule"])
+        if self.arr is not None:
+            self.arr.load_state_dict(counters["arr"])
+        self.last_checkpoint = self.frame
+        self.env.unwrapped.np_random = np.random.Generator(np.random.PCG64())  # its state is restored next
+        self.checkpoints.restore_rngs(state, tensors, self._generators())
+        for row in state["rows"]:  # the harness keeps rows in memory: the resumed run re-logs the stored ones
+            self.ctx.log(row["step"], {row["key"]: row["value"]}, axis=row["axis"])
+
+
+# ---------------------------------------------------------------------------------------------- methods
+class DrQV2:
+    """DrQ-v2 on DMC pixels, logging FAU of critic, encoder and actor (Yarats et al. 2021; Ma et al. 2024)."""
+
+    name = "drqv2"
+    Config: type[Config] = Config
+    presets: dict[str, dict[str, Any]] = {"smoke": SMOKE, "quick": QUICK}
+
+    def supports(self, task: TaskSpec) -> bool | str:
+        if task.family != "control" or task.observation != "pixels" or task.actions != "continuous":
+            return f"{self.name} needs a control task with pixel observations and continuous actions"
+        return True
+
+    def run(self, ctx: RunContext) -> None:
+        Trainer(ctx, task_config(ctx.config, ctx.task)).train()
+
+
+class DrQV2NoAug(DrQV2):
+    """DrQ-v2 without random-shift augmentation (the only difference from drqv2)."""
+
+    name = "drqv2-noaug"
+
+    @dataclass
+    class Config(Config):
+        augment: bool = False
+        """Random-shift augmentation off: the only difference from drqv2."""
+
+
+class DrQV2RR1(DrQV2):
+    """DrQ-v2 at replay ratio 1 (one update per agent step)."""
+
+    name = "drqv2-rr1"
+
+    @dataclass
+    class Config(Config):
+        replay_ratio: float = 1.0
+        """One update per agent step (Ma et al. Fig. 7)."""
+
+
+class DrQV2RR2(DrQV2):
+    """DrQ-v2 at replay ratio 2 (two updates per agent step, each on a fresh batch)."""
+
+    name = "drqv2-rr2"
+
+    @dataclass
+    class Config(Config):
+        replay_ratio: float = 2.0
+        """Two updates per agent step, each on a fresh batch (Ma et al.'s high RR)."""
+
+
+class DrQV2ARR(DrQV2):
+    """DrQ-v2 with Adaptive Replay Ratio: 0.5, then 2 once the critic's FAU settles (Ma et al. 2024)."""
+
+    name = "drqv2-arr"
+    presets = {"smoke": SMOKE, "quick": {**QUICK, "arr_interval_episodes": 5}}
+
+    @dataclass
+    class Config(Config):
+        arr: bool = True
+        """Adaptive Replay Ratio on: 0.5 until the critic's FAU settles, then 2."""
+
+
+class DrQV2NoAugReset(DrQV2):
+    """DrQ-v2 without augmentation, with periodic Reset of actor and critic (encoder and buffer kept)."""
+
+    name = "drqv2-noaug-reset"
+    presets = {"smoke": {**SMOKE, "reset_interval_frames": 900}, "quick": {**QUICK, "reset_interval_frames": 10_000}}
+
+    @dataclass
+    class Config(DrQV2NoAug.Config):
+        reset_interval_frames: int = 200_000
+        """Reset every 200k frames, ~10 resets in a 2M-frame run (Ma et al. Fig. 1 follows Nikishin et al. 2022)."""
+
+
+class DrQV2NoAugInject(DrQV2):
+    """DrQ-v2 without augmentation, with Plasticity Injection into the critic's Q heads once."""
+
+    name = "drqv2-noaug-inject"
+    presets = {"smoke": {**SMOKE, "inject_at_frame": 900}, "quick": {**QUICK, "inject_at_frame": 20_000}}
+
+    @dataclass
+    class Config(DrQV2NoAug.Config):
+        inject_at_frame: int = 1_000_000
+        """Plasticity Injection into the critic at 1M frames (the authors' Plasticity-Injection_Torch default)."""

@@ -1,0 +1,80 @@
+"""Speed of AD's in-context evaluation with the KV cache against recomputing the context, and its training throughput.
+
+Run: ``python -m pytest tests/bench_ad.py --benchmark-only -p no:cacheprovider`` (the default addopts skip
+benchmarks). Both are measured in one run, on the quick preset's model and Dark Room context (4 episodes = 80
+steps), over the 17 held-out Dark Room goals, through :func:`baselines.ad.evaluate_in_context` (environment
+stepping and action sampling included). 200 steps per round (10 episodes) make the cache refill twice. The
+ratio of steps/s is reported and asserted >= 10x; training throughput (tokens/s) is reported only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from baselines import ad
+from bench.config import resolve_config
+from bench.registry import load_target
+from tasks import get_task
+from tests.test_ad import synthetic_histories
+
+SPEC = get_task("DarkRoom-v0")
+EPISODES = 10
+MIN_RATIO = 10.0
+
+
+def _quick_model(**changes) -> tuple[ad.Config, ad.ADTransformer]:
+    cfg = dataclasses.replace(resolve_config(ad.AlgorithmDistillation(), "quick"), **changes)
+    torch.manual_seed(0)
+    return cfg, ad.build_model(cfg, SPEC)
+
+
+def _eval_seconds(cfg: ad.Config, model: ad.ADTransformer) -> float:
+    core = load_target(SPEC.batched_core)(SPEC, SPEC.test_split("quick"))
+    start = time.perf_counter()
+    ad.evaluate_in_context(model, core, EPISODES, cfg, np.random.default_rng(0))
+    return time.perf_counter() - start
+
+
+def test_kv_cache_vs_recompute(benchmark, capsys: pytest.CaptureFixture) -> None:
+    cfg, model = _quick_model()
+    core = load_target(SPEC.batched_core)(SPEC, SPEC.test_split("quick"))
+    steps = EPISODES * SPEC.episode_length
+    benchmark.pedantic(lambda: ad.evaluate_in_context(model, core, EPISODES, cfg, np.random.default_rng(0)),
+                       rounds=5, warmup_rounds=1)
+    cached_sps = steps / benchmark.stats.stats.min
+    slow_cfg = dataclasses.replace(cfg, kv_cache=False)
+    recompute_sps = steps / min(_eval_seconds(slow_cfg, model) for _ in range(2))
+    ratio = cached_sps / recompute_sps
+    benchmark.extra_info.update(context_steps=model.context_len, tasks=core.num_envs, cached_steps_per_s=cached_sps,
+                                recompute_steps_per_s=recompute_sps, ratio=ratio)
+    with capsys.disabled():
+        print(f"\nAD in-context evaluation, {core.num_envs} tasks, context {model.context_len} steps: "
+              f"cached {cached_sps:.0f} steps/s, recompute {recompute_sps:.0f} steps/s, ratio {ratio:.1f}x")
+    assert ratio >= MIN_RATIO
+
+
+def test_training_throughput(benchmark, capsys: pytest.CaptureFixture) -> None:
+    """Tokens (= environment steps of history) per second of AD training at the quick preset's batch."""
+    cfg, model = _quick_model()
+    data = synthetic_histories(SPEC, SPEC.train_tasks[:8], episodes=20, expert=False)
+    sampler = ad.WindowSampler(data, model.context_len, model.num_actions)
+    opt, sched = ad.make_optimizer(model, cfg)
+    rng = np.random.default_rng(0)
+    batches = [ad.to_torch(sampler.sample(cfg.batch_size, rng), "cpu") for _ in range(4)]
+
+    def steps() -> None:
+        for batch in batches:
+            ad.update(model, opt, sched, batch, cfg.grad_clip)
+
+    benchmark.pedantic(steps, rounds=3, warmup_rounds=1)
+    per_step = benchmark.stats.stats.min / len(batches)
+    tokens = cfg.batch_size * model.context_len / per_step
+    benchmark.extra_info.update(steps_per_s=1 / per_step, tokens_per_s=tokens, threads=torch.get_num_threads())
+    with capsys.disabled():
+        print(f"\nAD training, batch {cfg.batch_size} x {model.context_len} tokens, {torch.get_num_threads()} "
+              f"thread(s): {1 / per_step:.2f} steps/s, {tokens:.0f} tokens/s")

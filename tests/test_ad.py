@@ -1,0 +1,234 @@
+"""Algorithm Distillation / Expert Distillation: the KV cache is exact, evaluation never touches the weights, the
+model learns, bad contexts are refused, and ``ad`` / ``ed`` run end to end through the CLI at the smoke preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from baselines import ad
+from bench.cli import main
+from bench.config import ConfigError, apply_overrides, resolve_config
+from bench.methods import get_method
+from bench.registry import load_target
+from bench.store import ResultsStore
+from tasks import get_task
+
+DARK_ROOM = get_task("DarkRoom-v0")
+TINY = ad.Config(embed_dim=32, num_layers=2, num_heads=4, ff_dim=64, context_episodes=2.0,
+                 attention_dropout=0.0, embedding_dropout=0.0, residual_dropout=0.0)
+
+
+def epsilon_expert_rollout(core, episodes: int, epsilon, num_actions: int, rng: np.random.Generator) -> dict:
+    """Histories of an epsilon-random expert on a batched core: ``epsilon[k]`` is the chance of a uniform random
+    action in episode ``k`` (falling from 1 to 0 it makes a synthetic learning history, as AD-epsilon does,
+    arXiv 2312.12275). Every env runs until the last one has finished ``episodes`` (Key-to-Door episodes end at
+    different steps), so each row is one unbroken history of ``(n, T)`` arrays."""
+    eps = np.broadcast_to(np.asarray(epsilon, dtype=np.float64), (episodes,))
+    n = core.num_envs
+    obs = core.reset()
+    count = np.zeros(n, np.int64)
+    out: dict[str, list[np.ndarray]] = {"obs": [], "actions": [], "rewards": [], "dones": []}
+    while (count < episodes).any():
+        explore = rng.random(n) < eps[np.minimum(count, episodes - 1)]
+        act = np.where(explore, rng.integers(0, num_actions, n), core.expert_actions()).astype(np.int64)
+        nxt, reward, term, trunc = core.step(act)
+        done = term | trunc
+        for key, value in (("obs", obs), ("actions", act), ("rewards", reward), ("dones", done)):
+            out[key].append(value)
+        count += done
+        obs = core.reset(done) if done.any() else nxt
+    return {k: np.stack(v, axis=1) for k, v in out.items()}
+
+
+def synthetic_histories(spec, tasks, episodes: int, expert: bool, seed: int = 0) -> SimpleNamespace:
+    """The expert (ED data) or an epsilon-expert with epsilon falling from 1 to 0 (a stand-in learning history),
+    with the arrays of ``baselines.histories.Histories``."""
+    core = load_target(spec.batched_core)(spec, list(tasks))
+    eps = np.zeros(episodes) if expert else np.linspace(1.0, 0.0, episodes)
+    n_actions = int(spec.make(tasks[0]).action_space.n)
+    data = epsilon_expert_rollout(core, episodes, eps, n_actions, np.random.default_rng(seed))
+    return SimpleNamespace(**data, tasks=tuple(tasks))
+
+
+def _core(spec, tasks):
+    return load_target(spec.batched_core)(spec, list(tasks))
+
+
+@pytest.fixture
+def synthetic_data(monkeypatch):
+    """Replace the cached source histories with fast synthetic ones, so this file tests AD's own code."""
+    calls = []
+
+    def fake(ctx, expert):
+        calls.append(expert)
+        # expert Key-to-Door episodes are short: more of them fill the same context
+        return synthetic_histories(ctx.task, ctx.task.train_split(ctx.preset), episodes=30 if expert else 8,
+                                   expert=expert)
+
+    monkeypatch.setattr(ad, "load_histories", fake)
+    return calls
+
+
+def test_cached_logits_equal_full_recompute() -> None:
+    """Every incremental logit equals a full forward pass over the context since the last refill, across refills,
+    and equals the exact one-step-sliding recompute until the window first fills."""
+    torch.manual_seed(0)
+    model = ad.ADTransformer(TINY, 12, 5, (), 81).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a random model far from the near-zero initialisation
+            p.add_(torch.randn_like(p) * 0.3)
+        tokens = torch.randn(3, 40, TINY.embed_dim)
+        cache = model.new_cache(3, keep_fraction=0.5)
+        recompute = ad._Context(model, 3, dataclasses.replace(TINY, kv_cache=False))
+        starts = set()
+        for t in range(40):
+            cached = model.step(tokens[:, t], cache)
+            full = model(tokens[:, cache.start: t + 1])[:, -1]
+            torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+            sliding = recompute.push(tokens[:, t])
+            if t < 12:
+                torch.testing.assert_close(cached, sliding, rtol=1e-4, atol=1e-5)
+            starts.add(cache.start)
+    assert starts == {0, 6, 12, 18, 24, 30}  # refilled with the last 6 of 12 steps each time it was full
+
+
+def test_evaluation_keeps_weights_frozen() -> None:
+    torch.manual_seed(1)
+    model = ad.build_model(dataclasses.replace(TINY, attention_dropout=0.5), DARK_ROOM)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()  # evaluation must switch dropout off itself
+    returns, prompt = ad.evaluate_in_context(model, _core(DARK_ROOM, DARK_ROOM.test_tasks[:3]), 3, TINY,
+                                             np.random.default_rng(0))
+    assert returns.shape == (3, 3) and prompt.shape == (3, 0)
+    assert not model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_demonstration_prompt_fills_context_first() -> None:
+    """Prompt episodes of the expert (epsilon 0) score the optimum; the in-context episodes follow them."""
+    cfg = dataclasses.replace(TINY, prompt_episodes=2, prompt_epsilon=0.0)
+    model = ad.build_model(cfg, DARK_ROOM)
+    tasks = DARK_ROOM.test_tasks[:4]
+    returns, prompt = ad.evaluate_in_context(model, _core(DARK_ROOM, tasks), 2, cfg, np.random.default_rng(0))
+    from tasks.gridworld import optimal_return
+
+    assert returns.shape == (4, 2) and prompt.shape == (4, 2)
+    assert prompt.mean() == pytest.approx(optimal_return(DARK_ROOM, tasks))
+
+
+def test_model_learns_a_tiny_dataset() -> None:
+    """Expert episodes of two goals: the model must read the goal from earlier episodes in its context."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, learning_rate=3e-3, batch_size=16, train_steps=150, warmup_fraction=0.05)
+    model = ad.build_model(cfg, DARK_ROOM)
+    data = synthetic_histories(DARK_ROOM, DARK_ROOM.train_tasks[:2], episodes=12, expert=True)
+    sampler = ad.WindowSampler(data, model.context_len, model.num_actions)
+    opt, sched = ad.make_optimizer(model, cfg)
+    rng = np.random.default_rng(0)
+    history = [ad.update(model, opt, sched, ad.to_torch(sampler.sample(16, rng), "cpu"), 1.0)
+               for _ in range(cfg.train_steps)]
+    first, last = history[0], history[-10:]
+    assert np.mean([m["losses/action_ce"] for m in last]) < 0.3 * first["losses/action_ce"]
+    assert np.mean([m["losses/action_accuracy"] for m in last]) > 0.85
+
+
+def test_strided_windows_take_every_kth_episode() -> None:
+    """``history_stride=2``: windows are made of episodes e, e+2, e+4, ... and mark each junction as a new
+    episode; episodes of different lengths (Key-to-Door) included."""
+    dones = np.zeros((2, 60), bool)
+    dones[0, 2::3] = True
+    ends = np.cumsum([2, 5, 1, 4, 3, 6, 2, 7, 3, 5, 4, 2, 6, 3]) - 1
+    dones[1, ends[ends < 60]] = True
+    episode = np.concatenate([np.zeros((2, 1), int), np.cumsum(dones, 1)[:, :-1]], 1)
+    data = SimpleNamespace(obs=episode, actions=np.arange(120).reshape(2, 60) % 5, rewards=np.zeros((2, 60)),
+                           dones=dones)
+    batch = ad.WindowSampler(data, 10, 5, stride=2).sample(100, np.random.default_rng(0))
+    for ep, first in zip(batch["obs"], batch["first"]):
+        assert set(np.diff(ep)) <= {0, 2}
+        assert (first[1:] == (np.diff(ep) > 0)).all()  # a new (kept) episode starts exactly at each jump
+    with pytest.raises(ConfigError, match="history_stride=40 leaves no window"):
+        ad.WindowSampler(data, 10, 5, stride=40).sample(1, np.random.default_rng(0))
+
+
+def test_context_shorter_than_an_episode_is_refused() -> None:
+    with pytest.raises(ConfigError, match="shorter than one episode"):  # at config validation (the harness)
+        apply_overrides(ad.Config(), {"context_episodes": "0.5"}, "method `ad`")
+    with pytest.raises(ConfigError, match="shorter than one episode"):  # a config built without validation
+        ad.Config(context_episodes=0.5).context_len(DARK_ROOM)
+    # a cap in steps depends on the task's episode length: 40 steps hold 2 Dark Room episodes, not one Key-to-Door
+    capped = ad.Config(max_context_steps=40)
+    assert capped.context_len(DARK_ROOM) == 40 and ad.Config(context_episodes=1.5).context_len(DARK_ROOM) == 30
+    with pytest.raises(ConfigError, match=r"shorter than one DarkKeyToDoor-v0 episode \(50 steps\)"):
+        capped.context_len(get_task("DarkKeyToDoor-v0"))
+    with pytest.raises(ConfigError, match="fewer than the context"):
+        ad.WindowSampler(SimpleNamespace(obs=np.zeros((2, 30), np.int64), actions=np.zeros((2, 30), np.int64),
+                                         rewards=np.zeros((2, 30)), dones=np.zeros((2, 30), bool)), 40, 5)
+
+
+def test_cli_refuses_short_context(tmp_path, capsys, synthetic_data) -> None:
+    common = ["--preset", "smoke", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
+              "--cache-dir", str(tmp_path / "c")]
+    code = main(["run", "--methods", "ad", "--tasks", "DarkRoom-v0", "--set", "ad.context_episodes=0.5", *common])
+    assert code != 0 and "shorter than one episode" in capsys.readouterr().err  # refused before any run starts
+    # the per-task check: the run fails with the explanation as its reason, before loading any data
+    main(["run", "--methods", "ad", "--tasks", "DarkKeyToDoor-v0", "--set", "ad.max_context_steps=30", *common])
+    store = ResultsStore(tmp_path / "r")
+    (meta,) = [store.read_meta(i) for i in store.run_ids()]
+    assert meta["status"] == "failed" and "shorter than one DarkKeyToDoor-v0 episode" in meta["reason"]
+    assert not synthetic_data
+
+
+def test_ed_is_ad_with_expert_data() -> None:
+    a, e = get_method("ad"), get_method("ed")
+    assert (a.expert_data, e.expert_data) == (False, True)
+    assert a.Config is e.Config and resolve_config(a, "quick") == resolve_config(e, "quick")
+    assert a.supports(get_task("DMC-cartpole-swingup-v0")) is not True
+
+
+def test_ad_and_ed_run_end_to_end_at_smoke(tmp_path, synthetic_data) -> None:
+    res = tmp_path / "results"
+    code = main(["run", "--methods", "ad,ed", "--tasks", "DarkRoom-v0,DarkKeyToDoor-v0", "--preset", "smoke",
+                 "--seeds", "1", "--results-dir", str(res), "--cache-dir", str(tmp_path / "cache")])
+    store = ResultsStore(res)
+    records = [store.read(i) for i in store.run_ids()]
+    assert code == 0 and len(records) == 4, [(r.meta["task"], r.meta["reason"]) for r in records]
+    assert sorted(synthetic_data) == [False, False, True, True]
+    for rec in records:
+        assert rec.status == "ok", rec.meta["reason"]
+        curve = rec.curve
+        ev = curve[(curve.key == "eval/return") & (curve.axis == "episode")]
+        assert list(ev.step) == list(range(get_task(rec.meta["task"]).budget("smoke").eval_episodes))
+        assert {"losses/action_ce", "losses/action_accuracy"} <= set(curve[curve.axis == "env_step"].key)
+
+
+def test_pixel_maze_runs(synthetic_data) -> None:
+    """The conv encoder path: a few gradient steps and an in-context evaluation on the pixel maze."""
+    spec = get_task("PixelWatermaze-v0")
+    cfg = resolve_config(get_method("ad"), "smoke")
+    model = ad.build_model(cfg, spec)
+    assert isinstance(model.obs_emb, ad.PixelEncoder)
+    data = synthetic_histories(spec, spec.train_tasks[:2], episodes=3, expert=False)
+    sampler = ad.WindowSampler(data, model.context_len, model.num_actions)
+    opt, sched = ad.make_optimizer(model, cfg)
+    metrics = ad.update(model, opt, sched, ad.to_torch(sampler.sample(2, np.random.default_rng(0)), "cpu"), 1.0)
+    assert np.isfinite(metrics["losses/action_ce"])
+    returns, _ = ad.evaluate_in_context(model, _core(spec, spec.test_tasks[:2]), 2, cfg, np.random.default_rng(0))
+    assert returns.shape == (2, 2)
+
+
+def test_real_histories_end_to_end(tmp_path) -> None:
+    """With the real source histories (``baselines.histories``), once that module exists."""
+    pytest.importorskip("baselines.histories")
+    res = tmp_path / "results"
+    code = main(["run", "--methods", "ad,ed", "--tasks", "DarkRoom-v0", "--preset", "smoke", "--seeds", "1",
+                 "--results-dir", str(res), "--cache-dir", str(tmp_path / "cache")])
+    store = ResultsStore(res)
+    metas = [store.read_meta(i) for i in store.run_ids()]
+    assert code == 0 and [m["status"] for m in metas] == ["ok", "ok"], [m["reason"] for m in metas]

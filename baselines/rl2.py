@@ -13,18 +13,32 @@ The "slow" learner is PPO with GAE (clip objective, shared GRU trunk with policy
 paper's first-order TRPO; both are trust-region policy-gradient methods, PPO is the one in every modern RL² code
 base. As in RL² (Sec. 2.1) the objective is the discounted return of the **whole trial**: the discount runs on
 across episode boundaries and only the trial's last step is terminal, so exploring in an early episode is paid
-for by the return of later ones. Each PPO update back-propagates through whole trials from the zero initial state
-(exact BPTT, no truncation), batched across ``num_trials`` trials run in lockstep through the family's batched
-core. Evaluation runs one trial of ``budget.eval_episodes`` episodes on every held-out task with frozen weights
-(the shared in-context protocol of ``bench.evaluation``).
+for by the return of later ones. ``num_trials`` trials run in lockstep through the family's batched core (finished
+episodes restart with ``core.reset(mask)``; a trial that ends early, on terminating tasks, idles as masked
+padding). With ``segment_steps=None`` (paper) each PPO batch is a whole trial and BPTT is exact from the zero
+state; a shorter segment (quick) updates every ``segment_steps`` steps, the trial and its hidden state go on
+across segments, GAE bootstraps from the value at the cut and BPTT is truncated there (CleanRL's ``ppo_lstm``).
+Evaluation runs one trial of ``budget.eval_episodes`` episodes on every held-out task, batched, with frozen
+weights and sampled actions (the shared in-context protocol of ``bench.evaluation``).
+
+Paper settings (``Config`` defaults): GRU 256, gamma 0.99, batches of ~250k steps (tabular MDPs) / 50k (visual
+navigation, 2 x 16 5x5 stride-2 convs), up to ~2.5e8 steps, from the RL² paper's appendix tables as we recall
+them (not re-checked against the PDF here); GAE lambda 0.99 from the visual-navigation table (0.3, the
+bandit/MDP value, made PPO collapse on Dark Room in our runs). The AD paper (Laskin et al. 2022) uses RL² as a
+baseline without listing its hyper-parameters.
+
+Known behaviour: the meta-learned prior covers the *train* tasks only. On Dark Room the Bayes-optimal explorer
+for 64 train goals never needs to visit the 17 held-out cells, so RL² improves within a trial much more on train
+goals than on held-out ones (quick, 5M steps: train goals ~20% -> ~43% of the optimum over 40 episodes, held-out
+~6% -> ~10%) -- unlike AD, whose data come from a learner without a prior.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -114,10 +128,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"total_env_steps": 4_000, "pixel_total_env_steps": 1_200, "num_trials": 8, "pixel_num_trials": 4,
               "segment_steps": 40, "hidden": 32, "embed": 32, "obs_embed": 16, "conv_channels": 8,
               "update_epochs": 2, "num_minibatches": 2},
-    # Chosen by measurement on 1 CPU thread: ~4 min for Dark Room (see the method's README notes).
+    # Chosen by measurement on 1 CPU thread (2-core machine shared with other jobs): Dark Room 5M steps in
+    # ~3-4.5 min, Key-to-Door about the same, Watermaze 150k pixel steps in ~3 min.
     "quick": {"total_env_steps": 5_000_000, "pixel_total_env_steps": 150_000, "num_trials": 128,
-              "pixel_num_trials": 16, "segment_steps": 200, "num_minibatches": 2, "hidden": 64, "embed": 64, "obs_embed": 32,
-              "gae_lambda": 0.95, "lr": 1e-3},
+              "pixel_num_trials": 16, "segment_steps": 200, "num_minibatches": 2, "hidden": 64, "embed": 64,
+              "obs_embed": 32, "gae_lambda": 0.95, "lr": 1e-3},
 }
 
 
@@ -397,7 +412,8 @@ def evaluate(agent: RL2Agent, spec: TaskSpec, tasks: Any, episodes: int, gen: to
         returns = runner.collect(store=False).episode_returns
     finally:
         agent.train(was_training)
-    assert returns is not None  # collect() without a step limit runs the trial to its end
+    if returns is None:  # collect() without a step limit runs the trial to its end
+        raise RL2Error("the evaluation trial did not finish")
     return returns
 
 

@@ -428,8 +428,9 @@ def test_checkpoint_written_with_another_config_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_every_variant_runs_end_to_end_at_smoke(tmp_path):
-    rc = cli.main(["run", "--methods", ",".join(VARIANTS), "--tasks", TASK, "--preset", "smoke", "--seeds", "1",
+def test_arr_variant_end_to_end_at_smoke(tmp_path):
+    # Every variant runs the smoke suite in tests/test_registry.py; this run checks what the records hold.
+    rc = cli.main(["run", "--methods", "drqv2-arr", "--tasks", TASK, "--preset", "smoke", "--seeds", "1",
                    "--torch-threads", "1", "--results-dir", str(tmp_path / "res"),
                    "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0
@@ -437,7 +438,7 @@ def test_every_variant_runs_end_to_end_at_smoke(tmp_path):
 
     store = ResultsStore(tmp_path / "res")
     records = {r.meta["method"]: r for r in store.iter_records()}
-    assert set(records) == set(VARIANTS)
+    assert set(records) == {"drqv2-arr"}
     for name, rec in records.items():
         assert rec.status == "ok", (name, rec.meta["reason"])
         curve = rec.curve
@@ -445,4 +446,4 @@ def test_every_variant_runs_end_to_end_at_smoke(tmp_path):
         assert {"fau/critic", "fau/encoder", "fau/actor", "charts/episode_return"} <= set(curve.key)
     arr = records["drqv2-arr"].curve
     assert arr[arr.key == "charts/arr_switch_frame"].value.tolist() == [1000.0]  # smoke's threshold 1.0
-    assert not (tmp_path / "cache" / "checkpoints" / records["drqv2"].run_id).exists()  # removed after success
+    assert not (tmp_path / "cache" / "checkpoints" / records["drqv2-arr"].run_id).exists()  # removed after success

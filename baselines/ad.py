@@ -83,8 +83,8 @@ class Config:
     """Fraction of train_steps of linear learning-rate warm-up before the cosine decay"""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)"""
-    history_stride: int = 1
-    """Training windows take every k-th episode of a history (the paper's subsampling when learning is slow)"""
+    history_gap: float = 0.0
+    """Training windows skip episodes: consecutive ones start >= this fraction of the history apart (0 = none)"""
     batch_size: int = 128
     """Windows per gradient step"""
     train_steps: int = 100_000
@@ -112,8 +112,10 @@ class Config:
             )
         if self.max_context_steps < 0:
             raise ConfigError(f"max_context_steps must be >= 0 (0 = no cap), got {self.max_context_steps}")
-        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "batch_size", "history_stride",
-                     "log_every", "checkpoint_every"):
+        if not 0.0 <= self.history_gap < 1.0:
+            raise ConfigError(f"history_gap must lie in [0, 1), got {self.history_gap!r}")
+        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "batch_size", "log_every",
+                     "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.train_steps < 0 or self.prompt_episodes < 0:
@@ -368,50 +370,50 @@ def build_model(cfg: Config, spec: TaskSpec) -> ADTransformer:
 class WindowSampler:
     """Random training windows of ``L`` steps of ``(n_tasks, T)`` histories, starting anywhere (across episodes).
 
-    ``stride`` k > 1 builds a window from episodes ``e, e+k, e+2k, ...`` of one history (from a random step of
-    episode ``e``): the paper's subsampling of learning histories, so a finite context spans more learning
-    progress; the phase ``e`` is random, so no data is thrown away. ``histories`` needs ``obs`` ``(n, T, ...)``,
-    ``actions``, ``rewards`` and ``dones`` ``(n, T)`` (:class:`baselines.histories.Histories`; observations are
-    read window by window, so a memory-map stays on disk).
+    ``gap`` > 1 step subsamples episodes, as the paper does when consecutive episodes of a slow learner differ
+    too little for a finite context to see any improvement: after an episode that started at step ``s`` the
+    window goes on with the first episode that starts at ``s + gap`` or later. A gap in steps (not every k-th
+    episode) follows the source's progress, which is per step, also where episodes end early (Key-to-Door). The
+    first episode is random, so no data is thrown away. ``histories`` needs ``obs`` ``(n, T, ...)``, ``actions``,
+    ``rewards`` and ``dones`` ``(n, T)`` (:class:`baselines.histories.Histories`; observations are read window by
+    window, so a memory-map stays on disk).
     """
 
-    def __init__(self, histories: Any, context_len: int, none_action: int, stride: int = 1) -> None:
+    def __init__(self, histories: Any, context_len: int, none_action: int, gap: int = 0) -> None:
         self.obs = histories.obs
         self.actions = np.asarray(histories.actions).astype(np.int16)  # compact: K2D quick is 256 x 50k steps
         self.rewards = np.asarray(histories.rewards, np.float32)
         self.dones = np.asarray(histories.dones, bool)
         self.n, self.t = self.actions.shape
-        self.context_len, self.none_action, self.stride = context_len, none_action, stride
+        self.context_len, self.none_action, self.gap = context_len, none_action, gap
         if self.t < context_len:
             raise ConfigError(f"histories hold {self.t} steps per task, fewer than the context of {context_len} "
                               "steps; lower context_episodes or generate longer histories")
-        if stride > 1:
-            self.episode = np.concatenate([np.zeros((self.n, 1), np.int64), np.cumsum(self.dones, 1)[:, :-1]], 1)
-            # episode e of task i spans starts[i][e] .. starts[i][e + 1] (the last one may be cut at T)
+        if gap > 1:  # episode e of history i spans starts[i][e] .. starts[i][e + 1] (the last may be cut at T)
             self.starts = [np.concatenate([[0], np.flatnonzero(d[:-1]) + 1, [self.t]]) for d in self.dones]
 
-    def _strided(self, row: int, rng: np.random.Generator) -> np.ndarray:
+    def _gapped(self, row: int, rng: np.random.Generator) -> np.ndarray:
         starts = self.starts[row]
         for _ in range(1000):
             pos = int(rng.integers(0, self.t))
-            e, pieces, need = int(self.episode[row, pos]), [], self.context_len
+            e, pieces, need = int(np.searchsorted(starts, pos, "right")) - 1, [], self.context_len
             while need > 0 and e + 1 < len(starts):
                 take = min(need, int(starts[e + 1]) - pos)
                 pieces.append(np.arange(pos, pos + take))
                 need -= take
-                e += self.stride
-                pos = int(starts[e]) if e + 1 < len(starts) else self.t
+                e = int(np.searchsorted(starts, starts[e] + self.gap))  # first episode starting >= gap later
+                pos = int(starts[min(e, len(starts) - 1)])
             if need == 0:
                 return np.concatenate(pieces)
-        raise ConfigError(f"history_stride={self.stride} leaves no window of {self.context_len} steps in history "
-                          f"{row} ({self.t} steps); lower history_stride or context_episodes")
+        raise ConfigError(f"an episode gap of {self.gap} steps leaves no window of {self.context_len} steps in "
+                          f"history {row} ({self.t} steps); lower history_gap or context_episodes")
 
     def sample(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         rows = rng.integers(0, self.n, batch)
-        if self.stride == 1:
+        if self.gap <= 1:
             cols = rng.integers(0, self.t - self.context_len + 1, batch)[:, None] + np.arange(self.context_len)
         else:
-            cols = np.stack([self._strided(int(r), rng) for r in rows])
+            cols = np.stack([self._gapped(int(r), rng) for r in rows])
         # token j carries the transition before it in the window (the history's own one for j = 0)
         prev = np.concatenate([cols[:, :1] - 1, cols[:, :-1]], axis=1)
         r, has, p = rows[:, None], prev >= 0, np.maximum(prev, 0)
@@ -600,8 +602,9 @@ class AlgorithmDistillation:
         cfg: Config = ctx.config if ctx.config is not None else Config()
         spec = ctx.task
         model = build_model(cfg, spec).to(ctx.device)  # refuses a context shorter than an episode of the task
-        sampler = WindowSampler(load_histories(ctx, self.expert_data), model.context_len, model.num_actions,
-                                cfg.history_stride)
+        histories = load_histories(ctx, self.expert_data)
+        gap = round(cfg.history_gap * np.shape(histories.dones)[1])
+        sampler = WindowSampler(histories, model.context_len, model.num_actions, gap)
         train(ctx, model, sampler, cfg)
         core = load_target(spec.batched_core)(spec, spec.test_split(ctx.preset))
         returns, prompt_returns = evaluate_in_context(

@@ -13,6 +13,7 @@ import torch
 from baselines import ad
 from bench.cli import main
 from bench.config import ConfigError, apply_overrides, resolve_config
+from bench.method import ArtifactCache, RunContext, RunLogger
 from bench.methods import get_method
 from bench.registry import load_target
 from bench.store import ResultsStore
@@ -139,22 +140,61 @@ def test_model_learns_a_tiny_dataset() -> None:
     assert np.mean([m["losses/action_accuracy"] for m in last]) > 0.85
 
 
-def test_strided_windows_take_every_kth_episode() -> None:
-    """``history_stride=2``: windows are made of episodes e, e+2, e+4, ... and mark each junction as a new
-    episode; episodes of different lengths (Key-to-Door) included."""
+def test_gapped_windows_skip_episodes() -> None:
+    """With a gap of 6 steps a window goes on with the first episode starting >= 6 steps after the last one
+    started, and marks each junction as a new episode; episodes of different lengths (Key-to-Door) included."""
     dones = np.zeros((2, 60), bool)
     dones[0, 2::3] = True
     ends = np.cumsum([2, 5, 1, 4, 3, 6, 2, 7, 3, 5, 4, 2, 6, 3]) - 1
     dones[1, ends[ends < 60]] = True
     episode = np.concatenate([np.zeros((2, 1), int), np.cumsum(dones, 1)[:, :-1]], 1)
+    starts = [np.concatenate([[0], np.flatnonzero(d[:-1]) + 1]) for d in dones]
     data = SimpleNamespace(obs=episode, actions=np.arange(120).reshape(2, 60) % 5, rewards=np.zeros((2, 60)),
                            dones=dones)
-    batch = ad.WindowSampler(data, 10, 5, stride=2).sample(100, np.random.default_rng(0))
-    for ep, first in zip(batch["obs"], batch["first"]):
-        assert set(np.diff(ep)) <= {0, 2}
-        assert (first[1:] == (np.diff(ep) > 0)).all()  # a new (kept) episode starts exactly at each jump
-    with pytest.raises(ConfigError, match="history_stride=40 leaves no window"):
-        ad.WindowSampler(data, 10, 5, stride=40).sample(1, np.random.default_rng(0))
+    sampler = ad.WindowSampler(data, 10, 5, gap=6)
+    rng = np.random.default_rng(0)
+    for row in (0, 1):
+        for _ in range(20):
+            cols = sampler._gapped(row, rng)
+            kept = list(dict.fromkeys(episode[row, cols]))
+            assert len(kept) >= 2
+            for a, b in zip(kept, kept[1:]):
+                assert starts[row][b] >= starts[row][a] + 6 > starts[row][b - 1]  # the first one that far on
+    batch = sampler.sample(50, rng)
+    assert (batch["first"][:, 1:] == (np.diff(batch["obs"], axis=1) > 0)).all()  # junctions start episodes
+    with pytest.raises(ConfigError, match="gap of 50 steps leaves no window"):
+        ad.WindowSampler(data, 10, 5, gap=50).sample(1, rng)
+
+
+def test_killed_training_resumes_from_its_checkpoint(tmp_path) -> None:
+    """Killed after step 7 with a checkpoint at step 5, the resumed run ends with the uninterrupted run's weights
+    (batches depend on (seed, step) only; dropout off, so nothing else is random)."""
+    cfg = dataclasses.replace(TINY, train_steps=10, checkpoint_every=5, batch_size=4, log_every=2)
+    data = synthetic_histories(DARK_ROOM, DARK_ROOM.train_tasks[:2], episodes=6, expert=False)
+
+    def run(ckpt_dir, kill_at=None):
+        torch.manual_seed(0)
+        model = ad.build_model(cfg, DARK_ROOM)
+        sampler = ad.WindowSampler(data, model.context_len, model.num_actions)
+
+        def progress(fraction, message):
+            if kill_at is not None and f"step {kill_at}/" in message:
+                raise KeyboardInterrupt
+
+        ctx = RunContext(task=DARK_ROOM, seed=3, preset="smoke", budget=DARK_ROOM.budget("smoke"), config=cfg,
+                         device="cpu", log=RunLogger(), checkpoint_dir=ckpt_dir, cache=ArtifactCache(tmp_path),
+                         rng=np.random.default_rng(3))
+        ctx.progress = progress  # unthrottled (RunContext.progress is rate-limited), to stop at an exact step
+        ad.train(ctx, model, sampler, cfg)
+        return model, ctx.log.rows
+
+    straight, rows = run(tmp_path / "a")
+    assert [r["step"] for r in rows if r["key"] == "losses/action_ce"] == [2, 4, 6, 8, 10]
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", kill_at=7)
+    resumed, rows = run(tmp_path / "b")
+    assert [r["step"] for r in rows if r["key"] == "losses/action_ce"] == [6, 8, 10]
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
 
 
 def test_context_shorter_than_an_episode_is_refused() -> None:

@@ -145,7 +145,8 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
 
 
 def raw_table(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs.pivot_table(index="method", columns="task", values="raw_final", aggfunc="mean").round(3)
+    table = runs.pivot_table(index="method", columns="task", values="raw_final", aggfunc="mean")
+    return table.map(lambda v: "–" if pd.isna(v) else f"{v:.4g}")  # a method not run on a task shows a dash
 
 
 def _md(df: pd.DataFrame) -> str:

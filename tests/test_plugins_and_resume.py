@@ -109,3 +109,41 @@ def test_process_pool_workers(tmp_path, cache_dir):
     assert "[4/4]" in proc.stderr
     metas = [ResultsStore(res).read_meta(i) for i in ResultsStore(res).run_ids()]
     assert len(metas) == 4 and all(m["status"] == "ok" and m["torch_threads"] >= 1 for m in metas)
+
+
+def test_third_party_task_plugin(tmp_path, cache_dir):
+    """A package adds a task through `adapt_bench.tasks`; it is listed, made through gymnasium and run."""
+    pkg = tmp_path / "taskplug"
+    (pkg / "room_plugin").mkdir(parents=True)
+    (pkg / "room_plugin" / "__init__.py").write_text(textwrap.dedent("""
+        import dataclasses
+        from tasks.gridworld import SPECS
+
+        _base = next(s for s in SPECS if s.id == "DarkRoom-v0")
+        SPEC = dataclasses.replace(_base, id="PluginRoom-v0", description="a third-party copy of Dark Room")
+        """))
+    (pkg / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "room-plugin"
+        version = "0.0.1"
+        [project.entry-points."adapt_bench.tasks"]
+        pluginroom = "room_plugin:SPEC"
+        [tool.setuptools]
+        packages = ["room_plugin"]
+        """))
+    target = tmp_path / "site3"
+    _pip_install(pkg, target)
+    env = _env(target, cache=cache_dir)
+    listed = bench_cli("list", "tasks", "--no-references", env=env, check=True).stdout
+    assert "PluginRoom-v0" in listed
+    made = subprocess.run([sys.executable, "-c", "import gymnasium as gym, tasks; "
+                           "e = gym.make('adapt_bench/PluginRoom-v0', goal=(2, 7)); print(e.reset(seed=0)[0])"],
+                          capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, timeout=120)
+    assert made.returncode == 0, made.stderr
+    res = tmp_path / "results"
+    bench_cli("run", "--methods", "random,oracle", "--tasks", "PluginRoom-v0", "--results-dir", str(res),
+              env=env, check=True)
+    assert {ResultsStore(res).read_meta(i)["task"] for i in ResultsStore(res).run_ids()} == {"PluginRoom-v0"}

@@ -1,10 +1,9 @@
 """Algorithm Distillation (AD) and Expert Distillation (ED): Laskin et al. 2022, https://arxiv.org/abs/2210.14215
 
 AD trains a causal transformer to predict the source learner's next action from an *across-episode* window of
-its learning history (paper, Sec. 4 and Alg. 1); at evaluation it runs many episodes of a held-out task with
-frozen weights, its own past episodes in context, and improves in context. ED is the same model and context
-trained on expert episodes (paper, Sec. 5 "Expert Distillation"); it is a switch here (:attr:`AD.expert_data`),
-not a copy.
+its learning history (paper, Sec. 4, Alg. 1), then runs many episodes of a held-out task with frozen weights and
+its own past episodes in context. ED is the same model and context trained on expert episodes (Sec. 5): a switch
+(:attr:`AlgorithmDistillation.expert_data`), not a copy.
 
 Tokens: one token per environment step, the sum of embeddings of ``(o_t, a_{t-1}, r_{t-1}, first_t)``, where
 ``first_t`` marks the first step of an episode. The paper interleaves separate ``o, a, r`` tokens and predicts
@@ -12,17 +11,14 @@ Tokens: one token per environment step, the sum of embeddings of ``(o_t, a_{t-1}
 third of the sequence length (3x less per-token work, 9x less attention). ``first_t`` makes episode boundaries
 explicit, since a training window may start anywhere in a history.
 
-Context at evaluation: a key/value cache (:class:`KVCache`), so a step costs one token's forward pass. The
-model is trained on windows with absolute positions ``0..L-1``; when the cache is full (``L`` tokens) the last
-``slide_keep * L`` token embeddings are re-prefilled at positions ``0..`` and decoding goes on. Every logit is
-therefore *exactly* the model's output on the window since the last refill (tested), and the context always
-holds between ``slide_keep * L`` and ``L`` steps. The amortised cost per step is constant in the length of the
-history. ``kv_cache=False`` recomputes the last ``L`` steps at every step instead (exact one-step sliding, the
-cost the cache avoids; ``tests/bench_ad.py`` measures both).
+Evaluation decodes with a key/value cache (:class:`KVCache`): a step costs one token. The model is trained on
+windows at positions ``0..L-1``; when the cache is full the last ``slide_keep * L`` steps are re-prefilled at
+positions ``0..`` so every logit is *exactly* the model's output on the window since the last refill (tested) and
+the context holds ``slide_keep * L`` to ``L`` steps, at a constant amortised cost per step. ``kv_cache=False``
+recomputes the last ``L`` steps at every step (an exact one-step slide; ``tests/bench_ad.py`` compares both).
 
-Logged rows: ``eval/return`` at ``axis="episode"`` (mean over held-out tasks of in-context episode ``k``, the
-shared protocol of :mod:`bench.evaluation`); ``losses/...`` at ``axis="env_step"``, where the step counts
-*gradient steps* (AD takes no environment steps while training).
+Rows: ``eval/return`` at ``axis="episode"`` (the shared protocol of :mod:`bench.evaluation`); ``losses/...`` at
+``axis="env_step"``, whose step counts *gradient steps* (AD takes no environment step while training).
 """
 
 from __future__ import annotations
@@ -110,26 +106,20 @@ class Config:
                 f"context_episodes={self.context_episodes!r} is shorter than one episode: AD improves *across* "
                 "episodes, so the context must hold at least one whole episode (the paper uses 2-4)"
             )
-        if self.max_context_steps < 0:
-            raise ConfigError(f"max_context_steps must be >= 0 (0 = no cap), got {self.max_context_steps}")
-        if not 0.0 <= self.history_gap < 1.0:
-            raise ConfigError(f"history_gap must lie in [0, 1), got {self.history_gap!r}")
-        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "batch_size", "log_every",
-                     "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.train_steps < 0 or self.prompt_episodes < 0:
-            raise ConfigError(f"train_steps and prompt_episodes must be >= 0, got {self.train_steps}, "
-                              f"{self.prompt_episodes}")
-        if self.embed_dim % self.num_heads:
-            raise ConfigError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
-        for name in ("attention_dropout", "embedding_dropout", "residual_dropout", "warmup_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if not 0.0 <= self.prompt_epsilon <= 1.0:
-            raise ConfigError(f"prompt_epsilon must lie in [0, 1], got {self.prompt_epsilon!r}")
-        if not 0.0 < self.slide_keep < 1.0:
-            raise ConfigError(f"slide_keep must lie in (0, 1), got {self.slide_keep!r}")
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        for name in ("embed_dim", "num_layers", "num_heads", "ff_dim", "batch_size", "log_every", "checkpoint_every"):
+            need(getattr(self, name) >= 1, name, ">= 1")
+        for name in ("max_context_steps", "train_steps", "prompt_episodes"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        for name in ("attention_dropout", "embedding_dropout", "residual_dropout", "warmup_fraction", "history_gap"):
+            need(0 <= getattr(self, name) < 1, name, "in [0, 1)")
+        need(0 <= self.prompt_epsilon <= 1, "prompt_epsilon", "in [0, 1]")
+        need(0 < self.slide_keep < 1, "slide_keep", "in (0, 1)")
+        need(self.embed_dim % self.num_heads == 0, "embed_dim", f"divisible by num_heads={self.num_heads}")
 
     def context_len(self, spec: TaskSpec) -> int:
         """The context in steps (= tokens) for ``spec``; refuses one shorter than an episode of the task (the
@@ -147,10 +137,18 @@ class Config:
         return steps
 
 
+# quick: the paper's model, on a 2-core CPU budget (measured: DarkRoom-v0, 1 thread, see tests/bench_ad.py).
+#   batch_size 128 -> 32, train_steps 100k -> 5k: what one run can spend in the quick suite's 2 h.
+#   learning_rate 3e-4 -> 1e-3: a short schedule needs a larger step.
+#   history_gap 0 -> 0.04: the source (A2C) improves over ~400 of Dark Room's 1,000 episodes; with 4 consecutive
+#     episodes per window AD saw no improvement to distil (held-out score ~0 after 3k steps). With episodes 40
+#     apart a window spans the learning phase (paper: subsample histories when learning is slow).
+#   max_context_steps 100: 4 Dark Room episodes (80), 2 full-length Key-to-Door / maze episodes (not 200).
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"embed_dim": 16, "num_layers": 1, "num_heads": 2, "ff_dim": 32, "batch_size": 8, "train_steps": 20,
               "context_episodes": 2.0, "log_every": 5, "checkpoint_every": 10},
-    "quick": {"batch_size": 64, "train_steps": 3_000, "log_every": 50, "checkpoint_every": 500},
+    "quick": {"batch_size": 32, "train_steps": 5_000, "learning_rate": 1e-3, "history_gap": 0.04,
+              "max_context_steps": 100, "log_every": 100, "checkpoint_every": 1_000},
 }
 
 
@@ -202,20 +200,10 @@ class GridEmbedding(nn.Module):
     def __init__(self, size: int, out_dim: int) -> None:
         super().__init__()
         self.size = size
-        self.cell, self.x, self.y = nn.Embedding(size * size, out_dim), nn.Embedding(size, out_dim), nn.Embedding(
-            size, out_dim)
+        self.cell, self.x, self.y = (nn.Embedding(n, out_dim) for n in (size * size, size, size))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.cell(obs) + self.x(obs % self.size) + self.y(obs // self.size)
-
-
-class Dropout(nn.Module):
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
 
 
 class Block(nn.Module):
@@ -224,11 +212,10 @@ class Block(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         d = cfg.embed_dim
-        self.heads, self.attn_dropout = cfg.num_heads, cfg.attention_dropout
+        self.heads, self.attn_dropout, self.resid_dropout = cfg.num_heads, cfg.attention_dropout, cfg.residual_dropout
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, cfg.ff_dim), nn.GELU(), nn.Linear(cfg.ff_dim, d))
-        self.drop = Dropout(cfg.residual_dropout)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -237,8 +224,8 @@ class Block(nn.Module):
 
     def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         b, h, t, dh = y.shape
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, h * dh)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        x = x + dropout(self.proj(y.transpose(1, 2).reshape(b, t, h * dh)), self.resid_dropout, self.training)
+        return x + dropout(self.mlp(self.ln2(x)), self.resid_dropout, self.training)
 
     def forward(self, x: torch.Tensor, cache_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Causal attention over ``x`` ``(B, T, d)``; with ``cache_kv`` its keys/values fill slots ``0..T-1``."""
@@ -298,7 +285,6 @@ class ADTransformer(nn.Module):
         self.rew_emb = nn.Linear(1, d)
         self.first_emb = nn.Embedding(2, d)
         self.pos_emb = nn.Parameter(torch.zeros(context_len, d))  # learned absolute positions
-        self.emb_drop = Dropout(cfg.embedding_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_actions)
@@ -323,7 +309,7 @@ class ADTransformer(nn.Module):
         t = tokens.shape[1]
         if t > self.context_len:
             raise ValueError(f"{t} tokens exceed the context of {self.context_len}")
-        x = self.emb_drop(tokens + self.pos_emb[:t])
+        x = dropout(tokens + self.pos_emb[:t], self.cfg.embedding_dropout, self.training)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else (cache.k[i], cache.v[i]))
         if cache is not None:
@@ -348,7 +334,7 @@ class ADTransformer(nn.Module):
             self.forward(kept, cache)
         pos = cache.length
         cache.tokens[:, pos] = token
-        x = self.emb_drop(token[:, None] + self.pos_emb[pos])
+        x = token[:, None] + self.pos_emb[pos]  # decoding is evaluation: no dropout
         for i, block in enumerate(self.blocks):
             x = block.step(x, cache.k[i], cache.v[i], pos)
         cache.length = pos + 1

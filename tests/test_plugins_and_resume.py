@@ -23,6 +23,22 @@ def _pip_install(src: Path, target: Path) -> None:
                     "--target", str(target), str(src)], check=True, capture_output=True, text=True, timeout=300)
 
 
+def _install_package(tmp_path: Path, dist: str, module: str, source: str, group: str, entry: str) -> Path:
+    """Write a one-module package declaring one entry point, pip-install it into a private target, return it."""
+    src = tmp_path / f"src-{dist}"
+    (src / module).mkdir(parents=True)
+    (src / module / "__init__.py").write_text(source)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{dist}"\nversion = "0.0.1"\n'
+        f'[project.entry-points."{group}"]\n{entry}\n'
+        f'[tool.setuptools]\npackages = ["{module}"]\n'
+    )
+    target = tmp_path / f"site-{dist}"
+    _pip_install(src, target)
+    return target
+
+
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory) -> Path:
     """The README's example plugin, really installed (into a private target directory)."""
@@ -52,23 +68,9 @@ def test_plugin_round_trip(plugin_path, tmp_path, cache_dir):
 
 
 def test_two_distributions_same_method_name(plugin_path, tmp_path, cache_dir):
-    clash = tmp_path / "clash"
-    (clash / "clash_pkg").mkdir(parents=True)
-    (clash / "clash_pkg" / "__init__.py").write_text("from adapt_bench_example import StickyRandom as Impostor\n")
-    (clash / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "clash-plugin"
-        version = "0.0.1"
-        [project.entry-points."adapt_bench.methods"]
-        sticky-random = "clash_pkg:Impostor"
-        [tool.setuptools]
-        packages = ["clash_pkg"]
-        """))
-    target = tmp_path / "site2"
-    _pip_install(clash, target)
+    target = _install_package(tmp_path, "clash-plugin", "clash_pkg",
+                              "from adapt_bench_example import StickyRandom as Impostor\n",
+                              "adapt_bench.methods", 'sticky-random = "clash_pkg:Impostor"')
     proc = bench_cli("list", "methods", env=_env(plugin_path, target, cache=cache_dir))
     assert proc.returncode == 2
     assert "adapt-bench-example-plugin" in proc.stderr and "clash-plugin" in proc.stderr
@@ -113,29 +115,13 @@ def test_process_pool_workers(tmp_path, cache_dir):
 
 def test_third_party_task_plugin(tmp_path, cache_dir):
     """A package adds a task through `adapt_bench.tasks`; it is listed, made through gymnasium and run."""
-    pkg = tmp_path / "taskplug"
-    (pkg / "room_plugin").mkdir(parents=True)
-    (pkg / "room_plugin" / "__init__.py").write_text(textwrap.dedent("""
+    target = _install_package(tmp_path, "room-plugin", "room_plugin", textwrap.dedent("""
         import dataclasses
         from tasks.gridworld import SPECS
 
         _base = next(s for s in SPECS if s.id == "DarkRoom-v0")
         SPEC = dataclasses.replace(_base, id="PluginRoom-v0", description="a third-party copy of Dark Room")
-        """))
-    (pkg / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "room-plugin"
-        version = "0.0.1"
-        [project.entry-points."adapt_bench.tasks"]
-        pluginroom = "room_plugin:SPEC"
-        [tool.setuptools]
-        packages = ["room_plugin"]
-        """))
-    target = tmp_path / "site3"
-    _pip_install(pkg, target)
+        """), "adapt_bench.tasks", 'pluginroom = "room_plugin:SPEC"')
     env = _env(target, cache=cache_dir)
     listed = bench_cli("list", "tasks", "--no-references", env=env, check=True).stdout
     assert "PluginRoom-v0" in listed

@@ -162,8 +162,12 @@ def test_gapped_windows_skip_episodes() -> None:
                 assert starts[row][b] >= starts[row][a] + 6 > starts[row][b - 1]  # the first one that far on
     batch = sampler.sample(50, rng)
     assert (batch["first"][:, 1:] == (np.diff(batch["obs"], axis=1) > 0)).all()  # junctions start episodes
-    with pytest.raises(ConfigError, match="gap of 50 steps leaves no window"):
-        ad.WindowSampler(data, 10, 5, gap=50).sample(1, rng)
+    # every start from which a full gapped window exists is drawn, and only those
+    firsts = {int(sampler._gapped(0, rng)[0]) for _ in range(2000)}
+    assert firsts == set(range(42))  # the last: step 41 of episode 13 (1 step), then 3 of episodes 15, 17, 19
+    # a gap no window can bridge (expert Key-to-Door: short episodes) falls back to consecutive episodes
+    cols = ad.WindowSampler(data, 10, 5, gap=100)._gapped(1, rng)
+    assert (np.diff(cols) == 1).all()
 
 
 def test_killed_training_resumes_from_its_checkpoint(tmp_path) -> None:

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.evaluation import EVAL_KEY
+from bench.evaluation import EVAL_KEY, eval_tasks
 from bench.method import RunContext
 from bench.registry import AdaptBenchError, load_target
 from tasks.spec import TaskSpec
@@ -495,7 +495,7 @@ class RL2Method:
                 torch.save({"agent": agent.state_dict(), "opt": ppo.opt.state_dict(), "gen": gen.get_state(),
                             "rng": ctx.rng.bit_generator.state, "scaler": scaler.state(), **state}, tmp)
                 os.replace(tmp, ckpt)
-        returns = evaluate(agent, spec, spec.test_split(ctx.preset), ctx.budget.eval_episodes, gen, device)
+        returns = evaluate(agent, spec, eval_tasks(ctx), ctx.budget.eval_episodes, gen, device)
         for k, value in enumerate(returns.mean(axis=0)):
             ctx.log(k, {EVAL_KEY: float(value)}, axis="episode")
         ctx.progress(1.0, "evaluated")

@@ -1,8 +1,9 @@
 """Shared evaluation protocols, so every method is scored the same way.
 
-* In-context families: on each held-out task of the preset's test split, run ``budget.eval_episodes``
-  consecutive episodes; row ``eval/return`` at ``axis="episode"``, step ``k`` = mean return over held-out tasks
-  of in-context episode ``k``.
+* In-context families: on each held-out task of the preset's test split, run ``budget.eval_trials``
+  independent trials of ``budget.eval_episodes`` consecutive episodes (:func:`eval_tasks` lists them); row
+  ``eval/return`` at ``axis="episode"``, step ``k`` = mean return over held-out tasks x trials of in-context
+  episode ``k``.
 * Control families: ``budget.eval_episodes`` episodes at each evaluation point; row ``eval/return`` at
   ``axis="env_step"`` (frames).
 """
@@ -41,9 +42,15 @@ def run_episode(env: Any, policy: EpisodicPolicy, seed: int | None) -> float:
     return total
 
 
+def eval_tasks(ctx: RunContext) -> list:
+    """The held-out tasks one in-context evaluation runs: the preset's test split, ``budget.eval_trials`` times
+    (trial-major: ``[t0, t1, ..., t0, t1, ...]``). The mean over them is the mean over the test split."""
+    return list(ctx.task.test_split(ctx.preset)) * ctx.budget.eval_trials
+
+
 def in_context_returns(ctx: RunContext, make_policy: Callable[[], EpisodicPolicy]) -> np.ndarray:
-    """Returns ``(num_test_tasks, eval_episodes)`` of a policy run in context on the held-out tasks."""
-    test = ctx.task.test_split(ctx.preset)
+    """Returns ``(len(eval_tasks(ctx)), eval_episodes)`` of a policy run in context on the held-out tasks."""
+    test = eval_tasks(ctx)
     n_eps = ctx.budget.eval_episodes
     out = np.zeros((len(test), n_eps))
     seeds = ctx.rng.integers(0, 2**31 - 1, size=(len(test), n_eps))

@@ -4,7 +4,9 @@ Per run (see DESIGN.md "Scores"):
 
 * in-context families: the ``eval/return`` curve over in-context episodes (mean over held-out tasks) is
   normalised with the run's stored references; *first* = episode 0, *final* = mean over the last 10% of
-  episodes, *improvement* = final - first. The final score enters the aggregates.
+  episodes, *improvement* = final - first, *episodes to plateau* = episodes until the 10-episode trailing mean
+  reaches 90% of final (:func:`bench.scoring.episodes_to_plateau`; for the source learner, learning episodes on
+  the held-out task). The final score enters the aggregates.
 * control families: *final* = the last evaluation, *AUC* = normalised area under the learning curve, and the
   critic's FAU at the end of training where the method logs ``fau/critic``.
 
@@ -52,6 +54,7 @@ def run_scores(record) -> tuple[dict, pd.DataFrame]:
         k = max(1, math.ceil(0.1 * len(score)))
         row.update(first=float(score[0]), final=float(score[-k:].mean()), raw_final=float(raw[-k:].mean()))
         row["improvement"] = row["final"] - row["first"]
+        row["plateau"] = scoring.episodes_to_plateau(score)
     else:
         row.update(final=float(score[-1]), raw_final=float(raw[-1]), auc=float(scoring.auc(steps, score)))
         fau = curve[curve["key"] == FAU_KEY].sort_values("step")
@@ -118,13 +121,15 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
         for name, iv in ((n, aggregates[n][m]) for n in aggregates):
             csv.append({"method": m, "task": f"aggregate/{name}", "metric": "final", "value": iv.point,
                         "ci_low": iv.low, "ci_high": iv.high, "seeds": len(seeds)})
-        extra_metrics = ["first", "improvement"] if family == "in-context" else ["auc", "fau_critic"]
+        extra_metrics = ["first", "improvement", "plateau"] if family == "in-context" else ["auc", "fau_critic"]
         for metric in extra_metrics:
             vals = g.groupby("seed")[metric].mean().dropna().to_numpy()
+            label = {"first": "First ep.", "improvement": "In-context impr.", "plateau": "Episodes to plateau",
+                     "auc": "AUC", "fau_critic": "Critic FAU"}[metric]
+            line[label] = "–"  # the column keeps its place where no run has the metric
             if len(vals):
                 iv = scoring.stratified_bootstrap_ci({m: vals[:, None]}, scoring.mean, reps, 0.95, seed)[m]
-                line[{"first": "First ep.", "improvement": "In-context impr.", "auc": "AUC",
-                      "fau_critic": "Critic FAU"}[metric]] = _fmt(iv, 3 if metric == "fau_critic" else 1)
+                line[label] = _fmt(iv, 3 if metric == "fau_critic" else 1)
                 csv.append({"method": m, "task": "aggregate/Mean", "metric": metric, "value": iv.point,
                             "ci_low": iv.low, "ci_high": iv.high, "seeds": len(vals)})
         for t in tasks:
@@ -172,7 +177,9 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
         md.append("No completed runs yet. Run `bench run --suite smoke` first.")
     for (family, preset), g in runs.groupby(["family", "preset"], sort=True):
         what = ("final = mean normalised score over the last 10% of in-context episodes on held-out tasks; "
-                "first = the first in-context episode; in-context impr. = final − first"
+                "first = the first in-context episode; in-context impr. = final − first; episodes to plateau = "
+                "episodes until the 10-episode trailing mean reaches 90% of final (the source learner: its learning "
+                "episodes on the held-out task)"
                 if family == "in-context" else
                 "final = normalised return at the last evaluation; AUC = normalised area under the learning curve; "
                 "critic FAU = fraction of active units of the critic at the end of training")

@@ -6,6 +6,8 @@ same command finds finished cells in the store and skips them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import platform
 import random
@@ -95,11 +97,15 @@ class Cell:
     preset: str
     config: dict[str, Any] | None
     overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    budget: dict[str, Any] | None = field(default=None, hash=False)
+    """The task's budget at ``preset`` (part of the id: a changed budget is a new run, never a stale skip)."""
 
     @property
     def run_id(self) -> str:
         key = {"method": self.method, "config": self.config, "task": self.task, "seed": self.seed,
                "preset": self.preset}
+        if self.budget is not None:
+            key["budget"] = self.budget
         return f"{self.method}.{self.task}.s{self.seed}.{stable_hash(key, 10)}"
 
     @property
@@ -150,6 +156,7 @@ def make_plan(
             raise ConfigError(f"override field(s) {unused} belong to no planned method's config")
     for t in tasks:
         spec = get_task(t)
+        budget = dataclasses.asdict(spec.budget(preset))
         for m in methods:
             reason = support_reason(get_method(m), spec)
             if reason is not None:
@@ -157,7 +164,7 @@ def make_plan(
                 continue
             config, own = configs[m]
             for s in seeds:
-                cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own))
+                cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget))
     return plan_dedup(Plan(cells, skipped, preset))
 
 

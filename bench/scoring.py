@@ -434,3 +434,26 @@ def improvement(values: np.ndarray, fraction: float = 0.1) -> np.ndarray | float
     Positive when the agent gets better across episodes without weight updates (the AD paper's claim).
     """
     return final_window_mean(values, fraction) - first(values)
+
+
+def episodes_to_plateau(values: np.ndarray, fraction: float = 0.1, level: float = 0.9, window: int = 10) -> float:
+    """Episodes until the ``window``-episode trailing mean first reaches ``level`` x the final score.
+
+    The final score is :func:`final_window_mean` (last ``fraction`` of the curve). The trailing mean at
+    episode ``e`` averages episodes ``max(0, e - window + 1) .. e``; the answer counts episodes (1-based), so
+    a curve at its plateau from the start gives 1. The window is fixed in episodes, not a fraction, so curves of
+    different lengths (AD's 100 in-context episodes, the source's 1,000 learning episodes) are smoothed alike.
+    NaN when the final score is <= 0 (nothing to plateau at). ``values``: ``(n,)``, finite.
+    """
+    v = _as_curve(values)
+    if v.ndim != 1:
+        raise ScoringError(f"episodes_to_plateau takes one curve (n,), got shape {v.shape}")
+    if window < 1 or not 0.0 < level <= 1.0:
+        raise ScoringError(f"need window >= 1 and level in (0, 1], got window={window!r}, level={level!r}")
+    final = float(final_window_mean(v, fraction))
+    if final <= 0:
+        return float("nan")
+    csum = np.concatenate([[0.0], np.cumsum(v)])
+    idx = np.arange(1, len(v) + 1)
+    trailing = (csum[idx] - csum[np.maximum(0, idx - window)]) / np.minimum(idx, window)
+    return float(np.argmax(trailing >= level * final - 1e-12) + 1)

@@ -43,12 +43,18 @@ class Budget:
     """Cap on the train tasks used (None = the whole train split)."""
     num_test_tasks: int | None = None
     """Cap on the held-out tasks evaluated (None = the whole test split)."""
+    eval_trials: int = 1
+    """In-context: independent trials (fresh context, own random stream) per held-out task; the curve is the mean
+    over tasks x trials. With ~17 held-out tasks one trial each, whether a goal is found at all moves a run's
+    score by ~10 points; more trials measure the same quantity with less noise."""
 
     def __post_init__(self) -> None:
         for name in ("train_steps", "eval_episodes", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise TaskSpecError(f"Budget.{name} must be a non-negative int, got {value!r}")
+        if not isinstance(self.eval_trials, int) or self.eval_trials < 1:
+            raise TaskSpecError(f"Budget.eval_trials must be an int >= 1, got {self.eval_trials!r}")
 
 
 @dataclass(frozen=True)

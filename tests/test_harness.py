@@ -276,6 +276,27 @@ def test_config_presets_and_overrides_change_run_id(test_methods):
         make_plan(["random"], ["DarkRoom-v0"], [0], "smoke", {None: {"lr": "0.1"}})
 
 
+def test_budget_is_part_of_the_run_id_and_eval_trials_repeat_the_test_split():
+    import dataclasses
+
+    from types import SimpleNamespace
+
+    from bench.evaluation import eval_tasks
+    from tasks import get_task
+    from tasks.spec import Budget, TaskSpecError
+
+    cell = make_plan(["random"], ["DarkRoom-v0"], [0], "quick").cells[0]
+    assert cell.budget["eval_trials"] == 4 and cell.budget["eval_episodes"] == 100
+    changed = dataclasses.replace(cell, budget={**cell.budget, "eval_episodes": 40})
+    assert changed.run_id != cell.run_id  # a changed budget is a new run, never a stale skip
+    spec = get_task("DarkRoom-v0")
+    ctx = SimpleNamespace(task=spec, preset="quick", budget=spec.budget("quick"))
+    test = list(spec.test_split("quick"))
+    assert eval_tasks(ctx) == test * 4
+    with pytest.raises(TaskSpecError, match="eval_trials"):
+        Budget(train_steps=1, eval_episodes=1, eval_trials=0)
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

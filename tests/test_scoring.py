@@ -16,6 +16,7 @@ from bench.scoring import (
     auc,
     bootstrap_replicates,
     final_window_mean,
+    episodes_to_plateau,
     first,
     improvement,
     iqm,
@@ -343,3 +344,16 @@ def test_first_and_improvement():
     assert first(curve) == 10.0
     assert improvement(curve, fraction=0.5) == 25.0  # mean(30, 40) - 10
     np.testing.assert_array_equal(improvement(np.array([[0.0, 5.0], [3.0, 1.0]]), fraction=0.5), [5.0, -2.0])
+
+
+def test_episodes_to_plateau():
+    # final (last 10% of 20 = last 2) = 10; 90% = 9; trailing means over 2: ep4 (2+4)/2=3, ... ep 7: (8+10)/2 = 9
+    curve = np.array([0, 0, 2, 4, 6, 8, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10], dtype=float)
+    assert episodes_to_plateau(curve, window=2) == 7.0
+    assert episodes_to_plateau(np.full(30, 50.0)) == 1.0  # at the plateau from the start
+    assert episodes_to_plateau(curve, window=1) == 7.0  # 10 >= 9 first at episode 7
+    assert np.isnan(episodes_to_plateau(np.zeros(10)))  # nothing to plateau at
+    slow, fast = np.minimum(np.arange(1000) / 3.0, 100.0), np.minimum(np.arange(100) * 10.0, 100.0)
+    assert episodes_to_plateau(fast) < episodes_to_plateau(slow)
+    with pytest.raises(ScoringError, match="one curve"):
+        episodes_to_plateau(np.zeros((2, 10)))

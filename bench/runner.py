@@ -7,7 +7,6 @@ same command finds finished cells in the store and skips them.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import platform
 import random

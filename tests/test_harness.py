@@ -278,7 +278,6 @@ def test_config_presets_and_overrides_change_run_id(test_methods):
 
 def test_budget_is_part_of_the_run_id_and_eval_trials_repeat_the_test_split():
     import dataclasses
-
     from types import SimpleNamespace
 
     from bench.evaluation import eval_tasks

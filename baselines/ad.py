@@ -17,12 +17,15 @@ positions ``0..`` so every logit is *exactly* the model's output on the window s
 the context holds ``slide_keep * L`` to ``L`` steps, at a constant amortised cost per step. ``kv_cache=False``
 recomputes the last ``L`` steps at every step (an exact one-step slide; ``tests/bench_ad.py`` compares both).
 
-Rows: ``eval/return`` at ``axis="episode"`` (the shared protocol of :mod:`bench.evaluation`); ``losses/...`` at
-``axis="env_step"``, whose step counts *gradient steps* (AD takes no environment step while training).
+Rows: ``eval/return`` at ``axis="episode"`` (the shared protocol of :mod:`bench.evaluation`); ``losses/...`` and
+``fau/...`` (fraction of active units of each feed-forward GELU and encoder ReLU, and ``fau/hidden`` pooled, read
+by forward hooks on the loss's own forward pass) at ``axis="env_step"``, whose step counts *gradient steps* (AD
+takes no environment step while training).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.plasticity import FAUMonitor, watch_layers
 from bench.config import ConfigError
 from bench.evaluation import eval_tasks, log_in_context
 from bench.method import RunContext
@@ -100,12 +104,18 @@ class Config:
     """Gradient steps between `losses/...` rows"""
     checkpoint_every: int = 2_000
     """Gradient steps between checkpoints (a killed run resumes from the last one)"""
+    partial_context: bool = False
+    """Ablation switch (paper Fig. 7): permit a context shorter than one episode, which AD cannot learn across
+    episodes with; off, such a context is refused with an explanation"""
 
     def validate(self) -> None:
-        if not (isinstance(self.context_episodes, int | float) and self.context_episodes >= 1):
+        if not isinstance(self.context_episodes, int | float) or self.context_episodes <= 0:
+            raise ConfigError(f"context_episodes must be a positive number, got {self.context_episodes!r}")
+        if self.context_episodes < 1 and not self.partial_context:
             raise ConfigError(
                 f"context_episodes={self.context_episodes!r} is shorter than one episode: AD improves *across* "
-                "episodes, so the context must hold at least one whole episode (the paper uses 2-4)"
+                "episodes, so the context must hold at least one whole episode (the paper uses 2-4); the context-"
+                "length ablation sets partial_context=true (method ad-ctx0.5)"
             )
 
         def need(ok: bool, name: str, what: str) -> None:
@@ -129,7 +139,7 @@ class Config:
         steps = math.ceil(self.context_episodes * spec.episode_length)
         if self.max_context_steps:
             steps = min(steps, self.max_context_steps)
-        if steps < spec.episode_length:
+        if steps < spec.episode_length and not self.partial_context:
             raise ConfigError(
                 f"a context of {steps} steps (max_context_steps={self.max_context_steps}) is shorter than one "
                 f"{spec.id} episode ({spec.episode_length} steps): AD improves across episodes, so the context "
@@ -434,12 +444,24 @@ def to_torch(batch: dict[str, np.ndarray], device: str) -> dict[str, torch.Tenso
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
+def fau_layers(model: ADTransformer) -> list[tuple[str, nn.Module]]:
+    """The hidden layers whose fraction of active units (output > 0) is logged: each block's feed-forward GELU
+    (``block<i>``) and, on pixels, each conv ReLU of the encoder (``encoder<j>``)."""
+    layers = [(f"block{i}", m) for i, b in enumerate(model.blocks) for m in b.mlp if isinstance(m, nn.GELU)]
+    if isinstance(model.obs_emb, PixelEncoder):
+        relus = [m for m in model.obs_emb.convs if isinstance(m, nn.ReLU)]
+        layers += [(f"encoder{j}", m) for j, m in enumerate(relus)]
+    return layers
+
+
 def update(model: ADTransformer, opt: torch.optim.Optimizer, sched: Any, batch: dict[str, torch.Tensor],
-           grad_clip: float) -> dict[str, float]:
-    """One cross-entropy step on the actions of every position of the windows; returns the metrics."""
+           grad_clip: float, fau: Any = None, groups: tuple[str, ...] = ()) -> dict[str, float]:
+    """One cross-entropy step on the actions of every position of the windows; returns the metrics. With
+    ``fau`` (a :class:`baselines.plasticity.FAUMonitor`) the loss's own forward pass records ``groups``."""
     model.train()
-    tokens = model.embed(batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"])
-    logits = model(tokens)
+    with fau.record(*groups) if fau is not None else contextlib.nullcontext():
+        tokens = model.embed(batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"])
+        logits = model(tokens)
     loss = F.cross_entropy(logits.flatten(0, 1), batch["actions"].flatten())
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -567,16 +589,18 @@ def train(ctx: RunContext, model: ADTransformer, sampler: WindowSampler, cfg: Co
         step = int(state["step"])
     sums: dict[str, float] = {}
     seen = 0
+    fau = FAUMonitor()
+    groups = tuple(watch_layers(fau, fau_layers(model)))
     while step < cfg.train_steps:
         rng = np.random.default_rng([ctx.seed, step])  # batches depend on (seed, step) only: resumes replay
         metrics = update(model, opt, sched, to_torch(sampler.sample(cfg.batch_size, rng), ctx.device),
-                         cfg.grad_clip)
+                         cfg.grad_clip, fau, groups)
         step += 1
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value
         seen += 1
         if step % cfg.log_every == 0 or step == cfg.train_steps:
-            ctx.log(step, {k: v / seen for k, v in sums.items()}, axis="env_step")
+            ctx.log(step, {**{k: v / seen for k, v in sums.items()}, **fau.take_all()}, axis="env_step")
             sums, seen = {}, 0
         if step % cfg.checkpoint_every == 0 and step < cfg.train_steps:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -629,3 +653,33 @@ class ExpertDistillation(AlgorithmDistillation):
 
     name = "ed"
     expert_data = True
+
+
+# -- Context-length ablation (paper Fig. 7) ----------------------------------------------------------------------
+def _without(presets: dict[str, dict[str, Any]], *fields: str) -> dict[str, dict[str, Any]]:
+    """``presets`` minus ``fields``: an ablation variant's own value must survive every preset."""
+    return {name: {k: v for k, v in p.items() if k not in fields} for name, p in presets.items()}
+
+
+def _context_variant(episodes: float) -> type[AlgorithmDistillation]:
+    """AD whose context spans ``episodes`` episodes (and no step cap), at every preset; the rest is ``ad``."""
+
+    @dataclass
+    class ContextConfig(Config):
+        context_episodes: float = episodes
+        max_context_steps: int = 0
+        partial_context: bool = episodes < 1
+
+    label = f"{episodes:g}"
+    return type(f"AlgorithmDistillationContext{label.replace('.', '_')}", (AlgorithmDistillation,), {
+        "__doc__": f"AD with a context of {label} episode(s) (context-length ablation, paper Fig. 7): in-context "
+                   "improvement should appear only once the context crosses episode boundaries.",
+        "name": f"ad-ctx{label}", "Config": ContextConfig,
+        "presets": _without(PRESETS, "context_episodes", "max_context_steps"),
+    })
+
+
+ADContext0_5 = _context_variant(0.5)
+ADContext1 = _context_variant(1.0)
+ADContext2 = _context_variant(2.0)
+ADContext4 = _context_variant(4.0)

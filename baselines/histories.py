@@ -3,6 +3,9 @@
 Paper: AD, Laskin et al. 2022, https://arxiv.org/abs/2210.14215 (Sec. 4-5: a source RL algorithm's whole learning
 history on each train task is the training data; ED distils expert episodes on the same tasks).
 
+The learning histories come from the A2C learner of :mod:`baselines.source`, or from the task's own source
+algorithm where its spec names one (``TaskSpec.source_learner``; the Adversarial Bandit's UCB, AD paper Sec. 5).
+
 Both datasets are built once per (task id + version, preset, train tasks, steps, generator config, data seed)
 through ``ctx.cache.get_or_build`` and shared by every method and seed: the data seed is a fixed constant, *not*
 ``ctx.seed``. On disk a dataset is a directory of ``.npy`` files in compact dtypes plus ``manifest.json``
@@ -28,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from baselines.source import Config, SourceMethod, adapter_for, make_core, train_learners
+from baselines.source import Config, SourceError, SourceMethod, adapter_for, make_core, train_learners
 from bench.method import ArtifactCache, RunContext
-from bench.registry import AdaptBenchError
+from bench.registry import AdaptBenchError, load_target
 from tasks.spec import TaskSpec
 
 __all__ = ["DATA_SEED", "FORMAT", "Histories", "HistoriesError", "expert_histories", "learning_histories",
@@ -201,8 +204,46 @@ def _subsample(arrays: dict[str, np.ndarray], every: int) -> dict[str, np.ndarra
 
 
 # --------------------------------------------------------------------------------------------- generators
+def _observation_reader(spec: TaskSpec, core: Any) -> tuple[Callable[[Any, np.ndarray], np.ndarray], int, str]:
+    """``(visible(core, obs), n_visible, encoding)``: what the histories store for each step. The A2C source's
+    adapter for the families it knows; for any other family with ``Discrete`` observations, the observation
+    index itself (``"index"`` encoding)."""
+    try:
+        adapter = adapter_for(core)
+    except SourceError:
+        if spec.observation != "discrete":
+            raise
+        env = spec.make(spec.train_tasks[0] if spec.train_tasks else None)
+        n_obs = int(env.observation_space.n)  # type: ignore[attr-defined]
+        env.close()
+        return (lambda _core, obs: obs), n_obs, "index"
+    return (lambda c, _obs: adapter.visible(c)), adapter.n_visible, adapter.encoding
+
+
+def _generate_from_source(spec: TaskSpec, tasks: Sequence[Any], steps: int, seed: int,
+                          progress: Callable[[float, str], None] | None) -> tuple[dict[str, np.ndarray], str]:
+    """The learning histories of the spec's own ``source_learner`` (observations stored as their index)."""
+    if spec.observation != "discrete":
+        raise HistoriesError(f"{spec.id}: a source_learner's histories store observation indices, so the task "
+                             f"needs discrete observations, not {spec.observation!r}")
+    out = load_target(spec.source_learner)(spec, list(tasks), steps, seed, progress=progress)  # type: ignore[arg-type]
+    arrays = {}
+    for name, dtype in (("obs", None), ("actions", None), ("rewards", np.float32), ("dones", bool)):
+        arr = np.asarray(out[name])
+        if arr.shape != (len(tasks), steps):
+            raise HistoriesError(f"{spec.source_learner} returned {name} of shape {arr.shape}, "
+                                 f"expected {(len(tasks), steps)}")
+        if dtype is None:  # indices: the same compact dtypes as the A2C histories
+            dtype = np.uint8 if arr.size == 0 or int(arr.max()) <= 255 else np.uint16
+        arrays[name] = arr.astype(dtype)
+    return arrays, "index"
+
+
 def _generate_learning(spec: TaskSpec, tasks: Sequence[Any], steps: int, cfg: Config, seed: int,
                        progress: Callable[[float, str], None] | None) -> tuple[dict[str, np.ndarray], str]:
+    if spec.source_learner is not None:
+        arrays, encoding = _generate_from_source(spec, tasks, steps, seed, progress)
+        return _subsample(arrays, cfg.subsample), encoding
     core = make_core(spec, tasks)
     encoding = adapter_for(core).encoding
     res = train_learners(core, cfg, seed, episode_length=spec.episode_length, steps=steps, record=True,
@@ -214,23 +255,23 @@ def _generate_learning(spec: TaskSpec, tasks: Sequence[Any], steps: int, cfg: Co
 def _generate_expert(spec: TaskSpec, tasks: Sequence[Any], steps: int,
                      progress: Callable[[float, str], None] | None) -> tuple[dict[str, np.ndarray], str]:
     core = make_core(spec, tasks)
-    adapter = adapter_for(core)
+    visible, n_visible, encoding = _observation_reader(spec, core)
     n = core.num_envs
-    vis_dtype = np.uint8 if adapter.n_visible <= 256 else np.uint16
+    vis_dtype = np.uint8 if n_visible <= 256 else np.uint16
     out = {"obs": np.zeros((n, steps), vis_dtype), "actions": np.zeros((n, steps), np.uint8),
            "rewards": np.zeros((n, steps), np.float32), "dones": np.zeros((n, steps), bool)}
-    core.reset()
+    obs = core.reset()
     for t in range(steps):
-        out["obs"][:, t] = adapter.visible(core)
+        out["obs"][:, t] = visible(core, obs)
         a = np.asarray(core.expert_actions(), dtype=np.int64)
-        _, r, term, trunc = core.step(a)
+        obs, r, term, trunc = core.step(a)
         done = term | trunc
         out["actions"][:, t], out["rewards"][:, t], out["dones"][:, t] = a, r, done
         if done.any():
-            core.reset(done)
+            obs = core.reset(done)
         if progress is not None and (t + 1) % 1000 == 0:
             progress((t + 1) / steps, f"expert step {t + 1}/{steps} per task")
-    return out, adapter.encoding
+    return out, encoding
 
 
 def _build(out: Path, kind: str, arrays: dict[str, np.ndarray], encoding: str, episode_length: int,
@@ -263,8 +304,11 @@ def build_learning(spec: TaskSpec, preset: str, cache: ArtifactCache, *, config:
         raise HistoriesError(f"subsample must be >= 1, got {cfg.subsample}")
     tasks = spec.train_split(preset)
     steps = spec.budget(preset).train_steps
-    key = {**_base_key("learning", spec, preset, tasks, steps), "generator": {"algorithm": "a2c",
-           **cfg.generator_key()}, "data_seed": data_seed}
+    if spec.source_learner is None:
+        generator = {"algorithm": "a2c", **cfg.generator_key()}
+    else:  # the task's own source algorithm: A2C's settings do not determine its data, subsampling does
+        generator = {"algorithm": spec.source_learner, "subsample": cfg.subsample}
+    key = {**_base_key("learning", spec, preset, tasks, steps), "generator": generator, "data_seed": data_seed}
 
     def build(out: Path) -> None:
         if cfg.subsample == 1:
@@ -275,7 +319,7 @@ def build_learning(spec: TaskSpec, preset: str, cache: ArtifactCache, *, config:
             raw = {"obs": full.obs.base, "actions": full.actions.base, "rewards": full.rewards.base,
                    "dones": full.dones}
             arrays = _subsample({k: np.asarray(v) for k, v in raw.items()}, cfg.subsample)
-            encoding = adapter_for(make_core(spec, tasks[:1])).encoding
+            encoding = _observation_reader(spec, make_core(spec, tasks[:1]))[2]
         _build(out, "learning", arrays, encoding, spec.episode_length, cfg.subsample)
 
     path = cache.get_or_build(f"histories-{spec.id}-learning", key, build, validate)
@@ -304,9 +348,10 @@ def build_expert(spec: TaskSpec, preset: str, cache: ArtifactCache, *, steps: in
 
 
 def learning_histories(ctx: RunContext, config: Config | None = None, *, data_seed: int = DATA_SEED) -> Histories:
-    """AD's data: A2C learning histories on ``ctx.task.train_split(ctx.preset)``, ``ctx.budget.train_steps``
-    environment steps per task (fewer in the file with ``subsample > 1``). ``config`` defaults to the source
-    method's settings at ``ctx.preset``; the data never depends on ``ctx.seed``."""
+    """AD's data: A2C learning histories (or those of the task's ``source_learner``) on
+    ``ctx.task.train_split(ctx.preset)``, ``ctx.budget.train_steps`` environment steps per task (fewer in the file
+    with ``subsample > 1``). ``config`` defaults to the source method's settings at ``ctx.preset`` (only its
+    ``subsample`` applies to a ``source_learner``); the data never depends on ``ctx.seed``."""
     return build_learning(ctx.task, ctx.preset, ctx.cache, config=config, data_seed=data_seed,
                           progress=lambda f, msg: ctx.progress(f, f"learning histories: {msg}"))
 
@@ -370,7 +415,8 @@ def save_history_plot(task_id: str, preset: str, cache_dir: str | Path, out_dir:
 
     spec = get_task(task_id)
     hist = build_learning(spec, preset, ArtifactCache(Path(cache_dir) / "artifacts"))
-    fig = plot_histories(hist, title=f"{spec.id}: A2C learning histories (preset `{preset}`)")
+    source = "A2C" if spec.source_learner is None else spec.source_learner
+    fig = plot_histories(hist, title=f"{spec.id}: {source} learning histories (preset `{preset}`)")
     out = Path(out_dir) / f"histories-{spec.id}-{preset}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

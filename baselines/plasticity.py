@@ -37,7 +37,7 @@ class FAUMonitor:
         self._handles: dict[str, list[Any]] = {}
         self._active: dict[str, torch.Tensor | None] = {}
         self._total: dict[str, int] = {}
-        self._recording: str | None = None
+        self._recording: frozenset[str] = frozenset()
 
     def watch(self, group: str, modules: Iterable[nn.Module]) -> None:
         """Watch the outputs of ``modules`` as ``group`` (replacing what the group watched before)."""
@@ -49,7 +49,7 @@ class FAUMonitor:
 
     def _hook(self, group: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            if self._recording != group:
+            if group not in self._recording:
                 return
             count = (output.detach() > 0).sum()
             prev = self._active[group]
@@ -59,11 +59,12 @@ class FAUMonitor:
         return hook
 
     @contextlib.contextmanager
-    def record(self, group: str) -> Iterator[None]:
-        """Count ``group``'s activations during the forward passes inside this block."""
-        if group not in self._handles:
-            raise KeyError(f"FAU group `{group}` is not watched; watched: {sorted(self._handles)}")
-        previous, self._recording = self._recording, group
+    def record(self, *groups: str) -> Iterator[None]:
+        """Count the activations of ``groups`` (one or more) during the forward passes inside this block."""
+        for group in groups:
+            if group not in self._handles:
+                raise KeyError(f"FAU group `{group}` is not watched; watched: {sorted(self._handles)}")
+        previous, self._recording = self._recording, frozenset(groups)
         try:
             yield
         finally:
@@ -79,6 +80,26 @@ class FAUMonitor:
         value = self.mean(group)
         self._active[group], self._total[group] = None, 0
         return value
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self._handles)
+
+    def take_all(self, prefix: str = "fau/") -> dict[str, float]:
+        """``{prefix + group: FAU}`` of every group that recorded something since its last take; starts new
+        pools."""
+        values = {prefix + g: self.take(g) for g in self.groups}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+def watch_layers(monitor: FAUMonitor, layers: list[tuple[str, nn.Module]], pooled: str = "hidden") -> list[str]:
+    """Watch each ``(name, module)`` as its own group and all of them pooled as ``pooled``; returns the group
+    names to pass to :meth:`FAUMonitor.record`. Used to give every torch method of the suite the same per-layer
+    FAU readout as DrQ-v2's critic (issue: FAU for every method)."""
+    for name, module in layers:
+        monitor.watch(name, [module])
+    monitor.watch(pooled, [m for _, m in layers])
+    return [name for name, _ in layers] + [pooled]
 
 
 class UpdateSchedule:

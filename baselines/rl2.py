@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from baselines.plasticity import FAUMonitor, watch_layers
 from bench.evaluation import EVAL_KEY, eval_tasks
 from bench.method import RunContext
 from bench.registry import AdaptBenchError, load_target
@@ -183,6 +184,15 @@ class RL2Agent(nn.Module):
         x = torch.cat([self.obs_encoder(obs), a, prev_reward.unsqueeze(-1), prev_done.unsqueeze(-1)], dim=-1)
         out, h = self.gru(self.phi(x), h)
         return self.pi(out), self.v(out).squeeze(-1), h
+
+
+def fau_layers(agent: RL2Agent) -> list[tuple[str, nn.Module]]:
+    """The ReLU layers whose FAU is logged: the input embedding ``phi`` and, on pixels, the encoder's convs."""
+    layers = [("phi", m) for m in agent.phi if isinstance(m, nn.ReLU)]
+    if isinstance(agent.obs_encoder, PixelEncoder):
+        layers += [(f"encoder{j}", m) for j, m in enumerate(m for m in agent.obs_encoder.conv
+                                                             if isinstance(m, nn.ReLU))]
+    return layers
 
 
 class RL2Error(AdaptBenchError, ValueError):
@@ -353,6 +363,10 @@ class PPO:
     def __init__(self, agent: RL2Agent, cfg: Config, device: str) -> None:
         self.agent, self.cfg, self.device = agent, cfg, device
         self.opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
+        # fraction of active units of the ReLU layers on the loss's own forward passes (padding steps included);
+        # the GRU's tanh state has no "inactive" side, so it is not counted
+        self.fau = FAUMonitor()
+        self.fau_groups = tuple(watch_layers(self.fau, fau_layers(agent)))
 
     def loss(self, batch: Segment, adv: torch.Tensor, ret: torch.Tensor, idx: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -390,7 +404,8 @@ class PPO:
         count = 0
         for _ in range(cfg.update_epochs):
             for idx in torch.randperm(B, generator=gen).chunk(cfg.num_minibatches):
-                loss, info = self.loss(batch, adv, ret, idx)
+                with self.fau.record(*self.fau_groups):
+                    loss, info = self.loss(batch, adv, ret, idx)
                 self.opt.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.agent.parameters(), cfg.max_grad_norm)
@@ -398,7 +413,7 @@ class PPO:
                 for k, v in info.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        return {k: v / count for k, v in sums.items()}
+        return {**{k: v / count for k, v in sums.items()}, **self.fau.take_all()}
 
 
 # ----------------------------------------------------------------------------------------------------- method

@@ -158,12 +158,13 @@ class BatchedActorCritic(torch.nn.Module):
         """``x``: ``(n, L)`` input indices -> ``(n, L, hidden)``."""
         return torch.relu(self.w_in[self.rows, x] + self.b_in[:, None])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x``: ``(n, L)`` -> logits ``(n, L, actions)``, values ``(n, L)``."""
+    def forward(self, x: torch.Tensor, return_hidden: bool = False) -> tuple[torch.Tensor, ...]:
+        """``x``: ``(n, L)`` -> logits ``(n, L, actions)``, values ``(n, L)`` (and the ReLU layer ``(n, L, hidden)``
+        with ``return_hidden``)."""
         h = self.features(x)
         logits = torch.einsum("nlh,nha->nla", h, self.w_pi) + self.b_pi[:, None]
         value = torch.einsum("nlh,nh->nl", h, self.w_v) + self.b_v[:, None]
-        return logits, value
+        return (logits, value, h) if return_hidden else (logits, value)
 
     @torch.no_grad()
     def policy_table(self) -> np.ndarray:
@@ -202,7 +203,7 @@ class BatchedA2C:
         """The sum over tasks of each task's A2C loss (GAE advantages, bootstrapped at truncation)."""
         cfg = self.cfg
         x, x_next = torch.from_numpy(ro.x), torch.from_numpy(ro.x_next)
-        logits, values = self.net(x)
+        logits, values, hidden = self.net(x, return_hidden=True)
         with torch.no_grad():
             _, next_values = self.net(x_next)
             rewards = torch.from_numpy(ro.rewards)
@@ -223,7 +224,9 @@ class BatchedA2C:
         ent = entropy.mean(1)
         loss = (pg + cfg.vf_coef * vf - cfg.ent_coef * ent).sum()
         metrics = {"losses/policy": pg.mean().item(), "losses/value": vf.mean().item(),
-                   "losses/entropy": ent.mean().item()}
+                   "losses/entropy": ent.mean().item(),
+                   # fraction of active units of the one hidden ReLU layer, on the loss's own forward pass
+                   "fau/hidden": (hidden > 0).float().mean().item()}
         return loss, metrics
 
     def update(self, ro: Rollout) -> dict[str, float]:
@@ -359,6 +362,8 @@ class SourceMethod:
             return f"`{task.id}` is not an in-context task"
         if task.batched_core is None:
             return f"`{task.id}` has no batched core"
+        if task.source_learner is not None:
+            return f"`{task.id}`'s source algorithm is `{task.source_learner}`, not A2C"
         return True
 
     def run(self, ctx: RunContext) -> None:

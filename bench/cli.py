@@ -84,20 +84,26 @@ def _split(values: list[str] | None) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import check_preset, parse_set_args
     from bench.executor import LocalExecutor, run_sweep
-    from bench.runner import expand_methods, expand_tasks, get_suite, make_plan
+    from bench.runner import expand_methods, expand_tasks, get_suite, make_plan, suite_plan
     from bench.store import ResultsStore
 
     suite = get_suite(args.suite) if args.suite else None
     if suite is None and not (args.methods and args.tasks):
         raise AdaptBenchError("give --suite, or both --methods and --tasks (see `bench list suites`)")
     preset = check_preset(args.preset or (suite.preset if suite else "smoke"))
-    methods = expand_methods(_split(args.methods) or list(suite.methods))  # type: ignore[union-attr]
-    tasks = expand_tasks(_split(args.tasks) or list(suite.tasks))  # type: ignore[union-attr]
+    methods = expand_methods(_split(args.methods)) if args.methods else None
+    tasks = expand_tasks(_split(args.tasks)) if args.tasks else None
     n_seeds = args.seeds if args.seeds is not None else (suite.seeds if suite else 1)
     if n_seeds < 1:
         raise AdaptBenchError(f"--seeds must be >= 1, got {n_seeds}")
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
-    plan = make_plan(methods, tasks, seeds, preset, parse_set_args(args.set or []))
+    overrides = parse_set_args(args.set or [])
+    if suite is not None:
+        plan = suite_plan(suite, seeds, preset, overrides, methods, tasks)
+    else:
+        plan = make_plan(methods, tasks, seeds, preset, overrides)  # type: ignore[arg-type]
+    methods = sorted({c.method for c in plan.cells} | {m for m, _, _ in plan.skipped})
+    tasks = sorted({c.task for c in plan.cells} | {t for _, t, _ in plan.skipped})
 
     store = ResultsStore(args.results_dir)
     if args.dry_run:

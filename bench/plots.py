@@ -69,6 +69,34 @@ def metric_curves(extras: pd.DataFrame, key: str, preset: str, ylabel: str) -> p
     return _facet_curves(d, "step", "value", "environment frames", ylabel, f"{key} — preset `{preset}`")
 
 
+# The pooled FAU each method family logs: DrQ-v2's critic (the quantity the plasticity paper tracks) and the
+# pooled hidden layers of every other torch method (AD/ED's feed-forward GELUs, RL²'s ReLU embedding, A2C's layer).
+FAU_POOLED = ("fau/critic", "fau/hidden")
+
+
+def fau_overview(extras: pd.DataFrame) -> plt.Figure | None:
+    """Every method's pooled FAU against its own training progress (step / last logged step of the run, so
+    gradient steps, environment steps and frames share one axis), averaged over tasks and seeds in 20 bins:
+    the cross-family view (plasticity and in-context methods side by side). ``None`` if no run logs FAU."""
+    d = extras[extras["key"].isin(FAU_POOLED)] if not extras.empty else extras
+    if d.empty:
+        return None
+    d = d.copy()
+    runs = ["method", "task", "seed", "preset", "key"]
+    d["progress"] = d["step"] / d.groupby(runs)["step"].transform("max").clip(lower=1)
+    d["progress"] = (np.minimum(np.floor(d["progress"] * 20), 19) + 0.5) / 20
+    d["method"] = d["method"] + " (" + d["family"] + ", " + d["key"].str.removeprefix("fau/") + ")"
+    d = d.groupby(["method", "task", "seed", "preset", "progress"], as_index=False)["value"].mean()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    sns.lineplot(data=d, x="progress", y="value", hue="method", style="preset", errorbar=("ci", 95),
+                 n_boot=200, seed=0, ax=ax)
+    ax.set(xlabel="fraction of training", ylabel="fraction of active units", ylim=(0, 1.02),
+           title="FAU of every torch method (pooled hidden layers; DrQ-v2: critic)")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
 def interval_estimates(intervals: dict[str, dict[str, scoring.Interval]], title: str) -> plt.Figure:
     """rliable-style interval plot: one panel per aggregate, one bar per method (point and 95% CI)."""
     names = list(intervals)
@@ -146,6 +174,9 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
                 for key in sorted(k for k in e["key"].unique() if k.startswith("fau/")):
                     fig = metric_curves(e, key, preset, "fraction of active units")
                     save(fig, f"{tag}-{key.replace('/', '-')}.png")
+    overview = fau_overview(extras)
+    if overview is not None:
+        save(overview, "fau-all-methods.png")
     return paths
 
 

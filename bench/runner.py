@@ -41,15 +41,49 @@ class Suite:
     methods: tuple[str, ...]
     tasks: tuple[str, ...]
     seeds: int
+    parts: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
+    """``(methods, tasks)`` blocks whose cross products make the suite (one block = ``(methods, tasks)``); an
+    ablation suite pairs each experiment's methods with its own tasks this way."""
 
 
 @cache
 def suites() -> dict[str, Suite]:
     data = tomllib.loads(resources.files("bench").joinpath("suites.toml").read_text())
-    return {
-        name: Suite(name, s["description"], s["preset"], tuple(s["methods"]), tuple(s["tasks"]), int(s["seeds"]))
-        for name, s in data.items()
-    }
+    out = {}
+    for name, s in data.items():
+        parts = tuple((tuple(p["methods"]), tuple(p["tasks"])) for p in s.get("parts", []))
+        if not parts:
+            parts = ((tuple(s["methods"]), tuple(s["tasks"])),)
+        methods = tuple(dict.fromkeys(m for ms, _ in parts for m in ms))
+        tasks = tuple(dict.fromkeys(t for _, ts in parts for t in ts))
+        out[name] = Suite(name, s["description"], s["preset"], methods, tasks, int(s["seeds"]), parts)
+    return out
+
+
+def suite_plan(suite: Suite, seeds: list[int], preset: str, overrides: dict[str | None, dict[str, str]] | None,
+               methods: list[str] | None = None, tasks: list[str] | None = None) -> Plan:
+    """The plan of ``suite``. One block: ``methods`` / ``tasks`` (from the command line) replace the suite's. Several
+    blocks: they filter each block (a block left empty is dropped), so ``--tasks DarkRoom-v0`` runs the Dark Room
+    experiments of an ablation suite only."""
+    if len(suite.parts) <= 1:
+        return make_plan(methods or expand_methods(list(suite.methods)), tasks or expand_tasks(list(suite.tasks)),
+                         seeds, preset, overrides)
+    all_methods = expand_methods(list(suite.methods))
+    make_plan(all_methods, [], seeds, preset, overrides)  # validates names and overrides against the whole suite
+    cells, skipped = [], []
+    for part_methods, part_tasks in suite.parts:
+        ms = [m for m in expand_methods(list(part_methods)) if methods is None or m in methods]
+        ts = [t for t in expand_tasks(list(part_tasks)) if tasks is None or t in tasks]
+        if not ms or not ts:
+            continue
+        own = {k: v for k, v in (overrides or {}).items() if k is None or k in ms}
+        part = make_plan(ms, ts, seeds, preset, own, check_unused=False)
+        cells += part.cells
+        skipped += part.skipped
+    if not cells and not skipped:
+        raise AdaptBenchError(f"no block of suite `{suite.name}` matches --methods {methods} / --tasks {tasks}; "
+                              f"its blocks: {[(list(m), list(t)) for m, t in suite.parts]}")
+    return plan_dedup(Plan(cells, skipped, preset))
 
 
 def get_suite(name: str) -> Suite:
@@ -76,15 +110,24 @@ def expand_tasks(patterns: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def expand_methods(patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """``"*"``: every registered method (plugins included); ``"-<glob>"``: drop the names matching the glob (an
+    ablation suite's variants out of a headline suite); else a method name."""
+    import fnmatch
+
     reg = method_registry()
     out: list[str] = []
+    drop: list[str] = []
     for pattern in patterns:
         if pattern == "*":
             out += reg.names()
+        elif pattern.startswith("-"):
+            if not fnmatch.filter(reg.names(), pattern[1:]):
+                raise UnknownNameError("method pattern", pattern[1:], reg.names())
+            drop.append(pattern[1:])
         else:
             reg.get(pattern)  # raises with close matches
             out.append(pattern)
-    return list(dict.fromkeys(out))
+    return [m for m in dict.fromkeys(out) if not any(fnmatch.fnmatchcase(m, d) for d in drop)]
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -125,6 +168,7 @@ def make_plan(
     seeds: list[int],
     preset: str,
     overrides: dict[str | None, dict[str, str]] | None = None,
+    check_unused: bool = True,
 ) -> Plan:
     """Validate every name and override, then list the cells; unsupported pairs are skipped with a reason."""
     from tasks import get_task
@@ -146,7 +190,7 @@ def make_plan(
             names = {f for f in getattr(cls, "__dataclass_fields__", {})}
             own = {**{k: v for k, v in global_over.items() if k in names}, **own}
         configs[m] = (resolve_config(method, preset, own), own)
-    if global_over:
+    if global_over and check_unused:
         unused = [k for k in global_over if not any(
             k in getattr(getattr(get_method(m), "Config", None), "__dataclass_fields__", {}) for m in methods)]
         if unused:

@@ -32,6 +32,7 @@ _BUILTIN = {
     "keytodoor": "tasks.gridworld:KEY_TO_DOOR_SPECS",
     "watermaze": "tasks.watermaze:SPECS",
     "dmc": "tasks.dmc:SPECS",
+    "bandit": "tasks.bandit:SPECS",
 }
 
 task_registry: Registry[TaskSpec] = Registry("task", hint="Run `bench list tasks`.")

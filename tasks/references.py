@@ -67,7 +67,8 @@ def _compute(spec: TaskSpec, tasks: tuple) -> References:
     return References(
         random=random,
         reference=reference,
-        random_source=f"measured: uniform random actions, {spec.random_episodes} episodes{per}, seed {RANDOM_SEED}",
+        random_source=spec.random_source
+        or f"measured: uniform random actions, {spec.random_episodes} episodes{per}, seed {RANDOM_SEED}",
         reference_source=ref.source,
     )
 

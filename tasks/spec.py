@@ -127,11 +127,22 @@ class TaskSpec:
     (mean over ``tasks``, ``episodes`` each); the default rolls out uniform random actions through Gymnasium."""
     random_episodes: int = 100
     """Episodes (per held-out task for in-context families) behind the random reference."""
+    random_source: str | None = None
+    """How ``random_rollout`` obtains the random reference when it computes it exactly instead of sampling
+    (stored with the reference); None: "measured: uniform random actions, ... episodes, seed ..."."""
     batched_core: str | None = None
     """Optional ``"module:attr"`` ``f(spec, tasks) -> core``: one env per task stepped in lockstep (see
     :class:`BatchedCore`), for data generation and batched in-context evaluation."""
     planner: str | None = None
     """Optional ``"module:attr"`` ``f(env) -> action``: a shortest-path planner on the unwrapped env (oracle)."""
+    source_learner: str | None = None
+    """Optional ``"module:attr"`` ``f(spec, tasks, steps, seed, progress=None) -> dict``: the source algorithm whose
+    learning histories Algorithm Distillation distils on this family, instead of the A2C of ``baselines.source``
+    (None). It runs one learner per task of ``tasks`` for ``steps`` environment steps each (episodes restart
+    automatically; the learner keeps what it learnt across them) and returns ``(len(tasks), steps)`` arrays
+    ``"obs"`` (the ``Discrete`` observation index), ``"actions"``, ``"rewards"`` and ``"dones"`` (true on an
+    episode's last step); ``seed`` fixes all its randomness, ``progress(fraction, message)`` may be called. The
+    target string is part of the histories' cache key (``baselines.histories``)."""
     description: str = ""
 
     def __post_init__(self) -> None:

@@ -216,6 +216,26 @@ def test_context_shorter_than_an_episode_is_refused() -> None:
                                          rewards=np.zeros((2, 30)), dones=np.zeros((2, 30), bool)), 40, 5)
 
 
+def test_context_length_ablation_variants() -> None:
+    """ad-ctx<k> (paper Fig. 7) differ from ad in the context only, at every preset; only the ablation switch lets
+    a context shorter than an episode through."""
+    contexts = {}
+    for name, episodes in (("ad-ctx0.5", 0.5), ("ad-ctx1", 1.0), ("ad-ctx2", 2.0), ("ad-ctx4", 4.0)):
+        method = get_method(name)
+        for preset in ("smoke", "quick", "paper"):
+            cfg = resolve_config(method, preset)
+            assert cfg.context_episodes == episodes and cfg.max_context_steps == 0
+            base = resolve_config(get_method("ad"), preset)
+            differ = {k for k, v in vars(cfg).items() if vars(base)[k] != v}
+            assert differ <= {"context_episodes", "max_context_steps", "partial_context"}
+        contexts[name] = resolve_config(method, "quick").context_len(DARK_ROOM)
+        assert method.expert_data is False and method.supports(DARK_ROOM) is True
+    assert contexts == {"ad-ctx0.5": 10, "ad-ctx1": 20, "ad-ctx2": 40, "ad-ctx4": 80}
+    assert ad.Config(context_episodes=0.5, partial_context=True).context_len(DARK_ROOM) == 10
+    with pytest.raises(ConfigError, match="positive"):
+        apply_overrides(ad.Config(), {"context_episodes": "0"}, "method `ad`")
+
+
 def test_cli_refuses_short_context(tmp_path, capsys, synthetic_data) -> None:
     common = ["--preset", "smoke", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
               "--cache-dir", str(tmp_path / "c")]

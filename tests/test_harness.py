@@ -14,7 +14,7 @@ from bench.cli import main
 from bench.config import ConfigError, apply_overrides, parse_set_args, resolve_config
 from bench.method import ArtifactCache, RunLogger
 from bench.methods import method_registry
-from bench.registry import DuplicateNameError, Registry, UnknownNameError
+from bench.registry import AdaptBenchError, DuplicateNameError, Registry, UnknownNameError
 from bench.runner import make_plan
 from bench.store import CorruptRecordError, ResultsStore
 
@@ -362,3 +362,27 @@ def test_shared_artifacts_built_once_before_runs(results_dir, tmp_path, capsys):
         assert "building shared artifacts for 1 (method, task) group(s)" in capsys.readouterr().err
     finally:
         reg._entries.pop("test-shared", None)
+
+
+def test_suite_blocks_and_method_exclusion(capsys, results_dir):
+    from bench.runner import expand_methods, get_suite, suite_plan
+
+    everything = expand_methods(["*"])
+    headline = expand_methods(["*", "-ad-ctx*"])
+    assert "ad" in headline and not any(m.startswith("ad-ctx") for m in headline)
+    assert set(everything) - set(headline) == {"ad-ctx0.5", "ad-ctx1", "ad-ctx2", "ad-ctx4"}
+    with pytest.raises(UnknownNameError):
+        expand_methods(["*", "-nosuchmethod*"])
+    suite = get_suite("icrl-ablations")
+    assert len(suite.parts) == 2
+    plan = suite_plan(suite, [0], "smoke", {})
+    pairs = {(c.method, c.task) for c in plan.cells}
+    assert ("ad-ctx0.5", "DarkRoom-v0") in pairs and ("ad", "AdversarialBandit-v0") in pairs
+    assert ("ad-ctx0.5", "AdversarialBandit-v0") not in pairs and ("ad", "DarkRoom-v0") not in pairs  # blocks
+    only = suite_plan(suite, [0], "smoke", {}, tasks=["DarkRoom-v0"])  # a filter, block by block
+    assert {c.task for c in only.cells} == {"DarkRoom-v0"}
+    with pytest.raises(AdaptBenchError, match="no block"):
+        suite_plan(suite, [0], "smoke", {}, methods=["drqv2"])
+    assert main(["run", "--suite", "icrl-ablations", "--preset", "smoke", "--dry-run",
+                 "--results-dir", str(results_dir)]) == 0
+    assert "ad-ctx2/DarkRoom-v0/seed0" in capsys.readouterr().out

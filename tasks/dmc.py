@@ -255,6 +255,7 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
         self.metadata = {**self.metadata, "render_fps": fps}
         self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
         self._done = True
+        self._camera: Any = None
         try:  # create the GL context now, so that a backend problem fails at make time with a clear error
             self._render_frame()
         except Exception as exc:  # mujoco.FatalError, PyOpenGL and EGL errors share no base class
@@ -269,9 +270,22 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
             ) from exc
 
     def _render_frame(self) -> np.ndarray:
-        """The current camera image, channels first ``(3, size, size)`` uint8."""
-        pixels = self._env.physics.render(self.size, self.size, camera_id=self.camera_id)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        """The current camera image, channels first ``(3, size, size)`` uint8.
+
+        ``physics.render`` builds a ``Camera`` (and allocates and frees an ``MjvScene``) on every call; one camera
+        kept for the env's lifetime renders the same pixels (tested) without that cost per frame."""
+        physics = self._env.physics
+        if self._camera is None or self._camera._physics is not physics:
+            from dm_control.mujoco.engine import Camera
+
+            self._free_camera()
+            self._camera = Camera(physics, height=self.size, width=self.size, camera_id=self.camera_id)
+        return np.ascontiguousarray(self._camera.render().transpose(2, 0, 1))
+
+    def _free_camera(self) -> None:
+        if self._camera is not None:
+            self._camera._scene.free()
+            self._camera = None
 
     def _obs(self) -> np.ndarray:
         return np.concatenate(self._frames, axis=0)  # a new array each step: never reused
@@ -311,6 +325,7 @@ class DMCEnv(gym.Env[np.ndarray, np.ndarray]):
     def close(self) -> None:
         env = getattr(self, "_env", None)
         if env is not None:
+            self._free_camera()
             env.physics.free()  # frees the GL context now rather than at garbage collection
             self._env = None
 

@@ -75,3 +75,40 @@ def test_fast_vs_default_render(benchmark, capsys: pytest.CaptureFixture, spec_i
             f"default {info['default_frames_per_s']:.0f} -> fast render is {info['speedup']:.2f}x faster"
         )
     fast.close(), default.close()
+
+
+class _PerFrameCamera:
+    """Swaps the env's kept camera for dm_control's ``physics.render`` (a new Camera and scene every frame),
+    the renderer before the kept camera, to measure what keeping it saves."""
+
+    def __init__(self, env: gym.Env) -> None:
+        self.env = env.unwrapped
+
+    def __enter__(self):
+        env = self.env
+
+        def per_frame() -> np.ndarray:
+            pixels = env._env.physics.render(env.size, env.size, camera_id=env.camera_id)
+            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+        env._render_frame = per_frame
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.env._render_frame  # back to the class's method
+
+
+@pytest.mark.parametrize("spec_id", ["DMC-walker-walk-v0", "DMC-cheetah-run-v0"])
+def test_kept_camera_vs_per_frame_camera(benchmark, capsys: pytest.CaptureFixture, spec_id: str) -> None:
+    env = _make(spec_id)
+    benchmark.pedantic(_stepper(env), rounds=5, warmup_rounds=1)
+    kept_s = benchmark.stats.stats.min
+    with _PerFrameCamera(env):
+        per_frame_s = _seconds_per_round(env)
+    info = {"kept_ms_per_step": 1e3 * kept_s / STEPS, "per_frame_ms_per_step": 1e3 * per_frame_s / STEPS,
+            "speedup": per_frame_s / kept_s}
+    benchmark.extra_info.update(info)
+    with capsys.disabled():
+        print(f"\n{spec_id}: env step with rendering: kept camera {info['kept_ms_per_step']:.2f} ms, a new camera "
+              f"per frame {info['per_frame_ms_per_step']:.2f} ms -> {info['speedup']:.2f}x")
+    env.close()

@@ -195,3 +195,18 @@ def test_random_return_is_state_only_and_seeded():
     assert 0.0 <= first <= 1000.0
     assert random_return(spec, (), episodes=1, seed=0) == first
     assert random_return(spec, (), episodes=1, seed=1) != first
+
+
+@pytest.mark.parametrize("spec_id", ["DMC-walker-walk-v0", "DMC-quadruped-run-v0"])
+def test_kept_camera_renders_what_physics_render_does(spec_id):
+    """The env keeps one Camera instead of physics.render's new Camera + scene per frame: same pixels."""
+    env = tasks.get_task(spec_id).make()
+    try:
+        env.reset(seed=3)
+        for _ in range(5):
+            obs, *_ = env.step(env.action_space.sample())
+            fresh = env.unwrapped._env.physics.render(env.unwrapped.size, env.unwrapped.size,
+                                                      camera_id=env.unwrapped.camera_id)
+            np.testing.assert_array_equal(obs[-3:], fresh.transpose(2, 0, 1))
+    finally:
+        env.close()

@@ -314,10 +314,13 @@ class ADTransformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def embed(self, obs: torch.Tensor, prev_action: torch.Tensor, prev_reward: torch.Tensor,
-              first: torch.Tensor) -> torch.Tensor:
-        """Step tokens ``(..., d)`` from ``obs (..., *obs_shape)``, ``prev_action``, ``prev_reward``, ``first``."""
-        return (self.obs_emb(obs) + self.act_emb(prev_action) + self.rew_emb(prev_reward.unsqueeze(-1))
+    def embed(self, obs: torch.Tensor | None, prev_action: torch.Tensor, prev_reward: torch.Tensor,
+              first: torch.Tensor, obs_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Step tokens ``(..., d)`` from ``obs (..., *obs_shape)`` (or its embedding ``obs_emb (..., d)``, already
+        computed), ``prev_action``, ``prev_reward``, ``first``."""
+        if obs_emb is None:
+            obs_emb = self.obs_emb(obs)
+        return (obs_emb + self.act_emb(prev_action) + self.rew_emb(prev_reward.unsqueeze(-1))
                 + self.first_emb(first.long()))
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -382,6 +385,11 @@ class WindowSampler:
 
     def __init__(self, histories: Any, context_len: int, none_action: int, gap: int = 0) -> None:
         self.obs = histories.obs
+        # pixel histories stored as view indices + a table of the distinct images (the maze: pose -> frame):
+        # batches then carry indices and `update` encodes each distinct image once (exact, and ~30x fewer
+        # convolutions than one per step of a 64 x 100-step batch)
+        table = getattr(histories.obs, "table", None)
+        self.view_table = torch.as_tensor(np.asarray(table)) if table is not None else None
         self.actions = np.asarray(histories.actions).astype(np.int16)  # compact: K2D quick is 256 x 50k steps
         self.rewards = np.asarray(histories.rewards, np.float32)
         self.dones = np.asarray(histories.dones, bool)
@@ -434,7 +442,9 @@ class WindowSampler:
         # token j carries the transition before it in the window (the history's own one for j = 0)
         prev = np.concatenate([cols[:, :1] - 1, cols[:, :-1]], axis=1)
         r, has, p = rows[:, None], prev >= 0, np.maximum(prev, 0)
-        return {"obs": np.asarray(self.obs[r, cols]), "actions": self.actions[r, cols].astype(np.int64),
+        obs = {"obs_index": np.asarray(self.obs.base[r, cols]).astype(np.int64)} if self.view_table is not None \
+            else {"obs": np.asarray(self.obs[r, cols])}
+        return {**obs, "actions": self.actions[r, cols].astype(np.int64),
                 "prev_action": np.where(has, self.actions[r, p], self.none_action).astype(np.int64),
                 "prev_reward": np.where(has, self.rewards[r, p], 0.0).astype(np.float32),
                 "first": np.where(has, self.dones[r, p], True)}
@@ -446,7 +456,8 @@ def to_torch(batch: dict[str, np.ndarray], device: str) -> dict[str, torch.Tenso
 
 def fau_layers(model: ADTransformer) -> list[tuple[str, nn.Module]]:
     """The hidden layers whose fraction of active units (output > 0) is logged: each block's feed-forward GELU
-    (``block<i>``) and, on pixels, each conv ReLU of the encoder (``encoder<j>``)."""
+    (``block<i>``) and, on pixels, each conv ReLU of the encoder (``encoder<j>``; over the distinct frames of a
+    batch when they come from a view table)."""
     layers = [(f"block{i}", m) for i, b in enumerate(model.blocks) for m in b.mlp if isinstance(m, nn.GELU)]
     if isinstance(model.obs_emb, PixelEncoder):
         relus = [m for m in model.obs_emb.convs if isinstance(m, nn.ReLU)]
@@ -455,12 +466,18 @@ def fau_layers(model: ADTransformer) -> list[tuple[str, nn.Module]]:
 
 
 def update(model: ADTransformer, opt: torch.optim.Optimizer, sched: Any, batch: dict[str, torch.Tensor],
-           grad_clip: float, fau: Any = None, groups: tuple[str, ...] = ()) -> dict[str, float]:
+           grad_clip: float, fau: Any = None, groups: tuple[str, ...] = (), view_table: torch.Tensor | None = None
+           ) -> dict[str, float]:
     """One cross-entropy step on the actions of every position of the windows; returns the metrics. With
-    ``fau`` (a :class:`baselines.plasticity.FAUMonitor`) the loss's own forward pass records ``groups``."""
+    ``fau`` (a :class:`baselines.plasticity.FAUMonitor`) the loss's own forward pass records ``groups``. A batch
+    with ``obs_index`` into ``view_table`` (distinct images) encodes each distinct image once and gathers."""
     model.train()
     with fau.record(*groups) if fau is not None else contextlib.nullcontext():
-        tokens = model.embed(batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"])
+        obs_emb = None
+        if "obs_index" in batch:
+            distinct, inverse = torch.unique(batch["obs_index"], return_inverse=True)
+            obs_emb = model.obs_emb(view_table[distinct])[inverse]
+        tokens = model.embed(batch.get("obs"), batch["prev_action"], batch["prev_reward"], batch["first"], obs_emb)
         logits = model(tokens)
     loss = F.cross_entropy(logits.flatten(0, 1), batch["actions"].flatten())
     opt.zero_grad(set_to_none=True)
@@ -591,10 +608,11 @@ def train(ctx: RunContext, model: ADTransformer, sampler: WindowSampler, cfg: Co
     seen = 0
     fau = FAUMonitor()
     groups = tuple(watch_layers(fau, fau_layers(model)))
+    table = sampler.view_table.to(ctx.device) if sampler.view_table is not None else None
     while step < cfg.train_steps:
         rng = np.random.default_rng([ctx.seed, step])  # batches depend on (seed, step) only: resumes replay
         metrics = update(model, opt, sched, to_torch(sampler.sample(cfg.batch_size, rng), ctx.device),
-                         cfg.grad_clip, fau, groups)
+                         cfg.grad_clip, fau, groups, table)
         step += 1
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value

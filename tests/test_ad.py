@@ -287,6 +287,50 @@ def test_pixel_maze_runs(synthetic_data) -> None:
     assert returns.shape == (2, 2)
 
 
+def test_view_table_batches_encode_each_distinct_frame_once() -> None:
+    """Maze histories store view indices + a table of frames: the deduplicated encoder pass gives the tokens and
+    gradients of encoding every step's frame."""
+    from baselines.histories import ArrayView
+
+    spec = get_task("PixelWatermaze-v0")
+    cfg = resolve_config(get_method("ad"), "smoke")
+    torch.manual_seed(0)
+    model = ad.build_model(cfg, spec)
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 256, (7, 54, 54, 3), dtype=np.uint8)  # 7 distinct frames
+    n, t = 3, 4 * spec.episode_length
+    dones = np.zeros((n, t), bool)
+    dones[:, spec.episode_length - 1 :: spec.episode_length] = True
+    data = SimpleNamespace(obs=ArrayView(rng.integers(0, 7, (n, t)).astype(np.uint8), np.uint8, table),
+                           actions=rng.integers(0, 3, (n, t)), rewards=np.zeros((n, t), np.float32), dones=dones)
+    sampler = ad.WindowSampler(data, model.context_len, model.num_actions)
+    assert sampler.view_table is not None
+    batch = ad.to_torch(sampler.sample(4, np.random.default_rng(1)), "cpu")
+    assert "obs_index" in batch and "obs" not in batch
+    frames = sampler.view_table[batch["obs_index"]]  # what the env would show at every step
+
+    def grads(dedup: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.eval()  # no dropout: both passes see the same network
+        model.zero_grad()
+        if dedup:
+            distinct, inverse = torch.unique(batch["obs_index"], return_inverse=True)
+            assert len(distinct) <= 7
+            emb = model.obs_emb(sampler.view_table[distinct])[inverse]
+            tokens = model.embed(None, batch["prev_action"], batch["prev_reward"], batch["first"], emb)
+        else:
+            tokens = model.embed(frames, batch["prev_action"], batch["prev_reward"], batch["first"])
+        model(tokens).square().sum().backward()
+        return tokens.detach(), [p.grad.clone() for p in model.obs_emb.parameters()]
+
+    (tok_a, grad_a), (tok_b, grad_b) = grads(True), grads(False)
+    torch.testing.assert_close(tok_a, tok_b)
+    for a, b in zip(grad_a, grad_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    opt, sched = ad.make_optimizer(model, cfg)
+    metrics = ad.update(model, opt, sched, batch, 1.0, view_table=sampler.view_table)
+    assert np.isfinite(metrics["losses/action_ce"])
+
+
 def test_real_histories_end_to_end(tmp_path) -> None:
     """With the real source histories (``baselines.histories``), once that module exists."""
     pytest.importorskip("baselines.histories")

@@ -158,6 +158,21 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_histories(args: argparse.Namespace) -> int:
+    from baselines.histories import save_history_plot
+    from bench.config import check_preset
+    from bench.runner import expand_tasks
+    from tasks import get_task
+
+    preset = check_preset(args.preset)
+    for task_id in expand_tasks(_split(args.tasks)):
+        spec = get_task(task_id)
+        if spec.family != "in-context" or spec.batched_core is None:
+            raise AdaptBenchError(f"`{task_id}` has no learning histories (an in-context task with a batched core)")
+        print(save_history_plot(task_id, preset, args.cache_dir, Path(args.results_dir) / "plots"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -197,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--bootstrap-seed", type=int, default=0)
     lb.add_argument("--reps", type=int, default=2000, help="bootstrap replicates")
     lb.set_defaults(func=cmd_leaderboard)
+
+    hp = sub.add_parser("histories", help="plot a sample of the source's learning histories (built if not cached)")
+    hp.add_argument("--tasks", action="append", required=True, help="comma-separated in-context task ids")
+    hp.add_argument("--preset", default="quick")
+    hp.add_argument("--cache-dir", default=_default_cache(), help="artifact cache holding the histories")
+    hp.add_argument("--results-dir", default="results", help="plots go to RESULTS_DIR/plots")
+    hp.set_defaults(func=cmd_histories)
     return p
 
 

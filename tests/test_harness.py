@@ -386,3 +386,12 @@ def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     assert main(["run", "--suite", "icrl-ablations", "--preset", "smoke", "--dry-run",
                  "--results-dir", str(results_dir)]) == 0
     assert "ad-ctx2/DarkRoom-v0/seed0" in capsys.readouterr().out
+
+
+def test_histories_command_plots_and_refuses_control_tasks(tmp_path, capsys):
+    common = ["--preset", "smoke", "--cache-dir", str(tmp_path / "c"), "--results-dir", str(tmp_path / "r")]
+    assert main(["histories", "--tasks", "DarkRoom-v0", *common]) == 0
+    out = tmp_path / "r" / "plots" / "histories-DarkRoom-v0-smoke.png"
+    assert out.is_file() and out.stat().st_size > 1000 and str(out) in capsys.readouterr().out
+    assert main(["histories", "--tasks", "DMC-cartpole-swingup-v0", *common]) == 2
+    assert "no learning histories" in capsys.readouterr().err

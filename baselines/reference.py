@@ -10,6 +10,7 @@ from typing import Any
 from bench.evaluation import (
     EVAL_KEY,
     control_eval_points,
+    core_in_context_returns,
     evaluate_episodes,
     in_context_returns,
     log_in_context,
@@ -54,7 +55,14 @@ class RandomMethod:
 
     def run(self, ctx: RunContext) -> None:
         if ctx.task.family == "in-context":
-            log_in_context(ctx, in_context_returns(ctx, _RandomPolicy))
+            if ctx.task.batched_core is not None:  # all held-out tasks at once
+                env = ctx.task.make()
+                n_actions = int(env.action_space.n)
+                env.close()
+                log_in_context(ctx, core_in_context_returns(ctx, lambda core, rng: rng.integers(0, n_actions,
+                                                                                                core.num_envs)))
+            else:
+                log_in_context(ctx, in_context_returns(ctx, _RandomPolicy))
             return
         env = ctx.task.make()
         env.action_space.seed(ctx.seed)
@@ -74,6 +82,9 @@ class OracleMethod:
         return True if task.planner else f"task `{task.id}` has no shortest-path planner"
 
     def run(self, ctx: RunContext) -> None:
+        if ctx.task.batched_core is not None:  # the core's expert is the same shortest-path planner, batched
+            log_in_context(ctx, core_in_context_returns(ctx, lambda core, rng: core.expert_actions()))
+            return
         planner = load_target(ctx.task.planner)  # type: ignore[arg-type]
         log_in_context(ctx, in_context_returns(ctx, lambda: _PlannerPolicy(planner)))
 

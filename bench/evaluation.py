@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bench.method import RunContext
+from bench.registry import load_target
 
 EVAL_KEY = "eval/return"
 
@@ -63,6 +64,32 @@ def in_context_returns(ctx: RunContext, make_policy: Callable[[], EpisodicPolicy
             out[i, k] = run_episode(env, policy, int(seeds[i, k]))
         env.close()
         ctx.progress((i + 1) / len(test), f"task {i + 1}/{len(test)}")
+    return out
+
+
+def core_in_context_returns(ctx: RunContext, act: Callable[[Any, np.random.Generator], np.ndarray]) -> np.ndarray:
+    """:func:`in_context_returns` through the task's batched core: every held-out task x trial at once.
+
+    ``act(core, rng)`` gives one action per env of the core at each step (``rng`` is seeded from ``ctx.rng``).
+    Same protocol, ~1000x fewer Python calls than stepping Gymnasium envs one by one."""
+    core = load_target(ctx.task.batched_core)(ctx.task, eval_tasks(ctx))
+    rng = np.random.default_rng(ctx.rng.integers(2**63))
+    n, episodes = core.num_envs, ctx.budget.eval_episodes
+    out, ret, count = np.zeros((n, episodes)), np.zeros(n), np.zeros(n, np.int64)
+    core.reset()
+    while (count < episodes).any():
+        _, reward, terminated, truncated = core.step(np.asarray(act(core, rng)))
+        done = np.asarray(terminated | truncated)
+        ret += reward
+        ended = np.flatnonzero(done)
+        k = count[ended]
+        scored = k < episodes
+        out[ended[scored], k[scored]] = ret[ended[scored]]
+        ret[done] = 0.0
+        count += done
+        if ended.size:
+            core.reset(done)
+            ctx.progress(float(np.minimum(count, episodes).mean() / episodes), "in-context evaluation")
     return out
 
 

@@ -389,7 +389,7 @@ class WindowSampler:
         # batches then carry indices and `update` encodes each distinct image once (exact, and ~30x fewer
         # convolutions than one per step of a 64 x 100-step batch)
         table = getattr(histories.obs, "table", None)
-        self.view_table = torch.as_tensor(np.asarray(table)) if table is not None else None
+        self.view_table = torch.from_numpy(np.array(table)) if table is not None else None  # a writable copy
         self.actions = np.asarray(histories.actions).astype(np.int16)  # compact: K2D quick is 256 x 50k steps
         self.rewards = np.asarray(histories.rewards, np.float32)
         self.dones = np.asarray(histories.dones, bool)

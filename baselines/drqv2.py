@@ -1,6 +1,8 @@
 """DrQ-v2 (Yarats et al. 2021, https://arxiv.org/abs/2107.09645) with the plasticity diagnostics of Ma et al. 2024
 ("Revisiting Plasticity in Visual RL", https://arxiv.org/abs/2310.07418): FAU, replay ratio, Adaptive Replay
-Ratio, Reset and Plasticity Injection, as switches on one agent.
+Ratio, Reset and Plasticity Injection, as switches on one agent; and, as switches too, the plasticity fixes the
+paper compares with augmentation (Fig. 2: weight decay, L2-Init, LayerNorm, Shrink & Perturb, CReLU), augmentation
+in a window of training only (Fig. 6) and a frozen pretrained encoder (Fig. 4).
 
 Structure and settings follow facebookresearch/drqv2 (``drqv2.py``, ``cfgs/config.yaml``, ``cfgs/task/*.yaml``):
 augmentation, encoder, actor, critic, agent; :class:`Trainer` is the reference's ``train.py`` loop on a pixel DMC
@@ -10,9 +12,15 @@ checkpoint / resume in ``ctx.checkpoint_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import pickle
+import random
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,10 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baselines.plasticity import AdaptiveReplayRatio, FAUMonitor, InjectedHead, UpdateSchedule, reinitialize
+from baselines.plasticity import (
+    AdaptiveReplayRatio,
+    CReLU,
+    FAUMonitor,
+    InjectedHead,
+    UpdateSchedule,
+    l2_init_penalty,
+    reinitialize,
+    shrink_perturb,
+    snapshot,
+)
 from baselines.replay import CheckpointError, FrameReplay, RunCheckpoints
 from bench.evaluation import EVAL_KEY, control_eval_points, evaluate_episodes
-from bench.method import RunContext
+from bench.method import RunContext, RunLogger
 from bench.registry import AdaptBenchError
 from tasks.spec import TaskSpec
 
@@ -85,6 +103,28 @@ class Config:
     """Reset: re-initialise actor and critic (all but the encoder) every this many frames; 0 = never."""
     inject_at_frame: int = 0
     """Plasticity Injection into the critic's Q heads at this frame; 0 = never."""
+    augment_from: float = 0.0
+    """With ``augment``: augment only while ``augment_from <= frame / run's frames < augment_until`` (Fig. 6)."""
+    augment_until: float = 1.0
+    """End of that window, as a fraction of the run's frame budget; (0, 1) = always, as published."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) on every parameter of encoder, actor and critic; 0 = plain Adam."""
+    l2_init: float = 0.0
+    """L2-Init strength lambda: each loss += lambda ||theta - theta_0||^2 over the networks it trains; 0 = off."""
+    head_layernorm: bool = False
+    """LayerNorm after each hidden Linear of the actor's policy MLP and both Q heads, before the activation."""
+    crelu: bool = False
+    """CReLU [relu(x), relu(-x)] for the hidden ReLUs of actor and Q heads; the next Linear takes twice the width."""
+    sp_interval_frames: int = 0
+    """Shrink & Perturb of encoder, actor and critic every this many frames; 0 = never."""
+    sp_alpha: float = 0.8
+    """Shrink & Perturb: theta <- sp_alpha * theta + sp_sigma * theta_fresh (a fresh draw of the same init)."""
+    sp_sigma: float = 0.2
+    """Shrink & Perturb: weight of the fresh initialisation."""
+    freeze_encoder: bool = False
+    """The encoder never changes (requires_grad off, no optimiser step); alone: a frozen random encoder."""
+    pretrain_encoder: bool = False
+    """Start from the encoder of an augmented drqv2 run on the same task (see :func:`pretrained_encoder`)."""
 
     def validate(self) -> None:
         positive = ("feature_dim", "hidden_dim", "batch_size", "nstep", "buffer_size", "arr_interval_episodes", "lr",
@@ -94,6 +134,23 @@ class Config:
             if value < 0 or (name in positive and value <= 0) or (name in ("discount", "tau") and value > 1):
                 raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}"
                                  f"{' and <= 1' if name in ('discount', 'tau') else ''}, got {value!r}")
+        for name in ("weight_decay", "l2_init", "sp_interval_frames", "sp_sigma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.sp_alpha <= 1.0:
+            raise ValueError(f"sp_alpha must be in [0, 1] (the fraction of the weights kept), got {self.sp_alpha!r}")
+        if not 0.0 <= self.augment_from < self.augment_until <= 1.0:
+            raise ValueError(f"the augmentation window needs 0 <= augment_from < augment_until <= 1, got "
+                             f"augment_from={self.augment_from!r}, augment_until={self.augment_until!r}")
+        if not self.augment and self.windowed_augment:
+            raise ValueError(f"augment_from={self.augment_from!r} / augment_until={self.augment_until!r} set a "
+                             f"window for the augmentation, but augment is false: set augment=true or leave the window "
+                             f"at 0, 1")
+
+    @property
+    def windowed_augment(self) -> bool:
+        """Augmentation limited to a window of training (Ma et al. Fig. 6) rather than always on or off."""
+        return (self.augment_from, self.augment_until) != (0.0, 1.0)
 
 
 # Smoke: seconds (CI). Quick: the task's 40k-frame budget on one core of a 2-core CPU, sized by
@@ -163,6 +220,9 @@ class RandomShiftsAug(nn.Module):
         return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dx, dy) in enumerate(shift)])
 
 
+_NO_AUG = nn.Identity()  # outside an augmentation window
+
+
 class Encoder(nn.Module):
     """Four 3x3 convolutions with 32 channels, the first with stride 2, on ``obs / 255 - 0.5``."""
 
@@ -186,18 +246,35 @@ def _trunk(repr_dim: int, feature_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
 
 
-def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-                         nn.ReLU(inplace=True), nn.Linear(hidden, out))
+def _mlp(inp: int, hidden: int, out: int, layernorm: bool = False, crelu: bool = False) -> nn.Sequential:
+    """Linear-ReLU-Linear-ReLU-Linear; ``layernorm``: a LayerNorm after each hidden Linear, before its activation;
+    ``crelu``: CReLU for the ReLUs, so the Linear after each takes ``2 x hidden`` inputs (Abbas et al. 2023)."""
+    if not (layernorm or crelu):  # the published heads, module for module
+        return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                             nn.ReLU(inplace=True), nn.Linear(hidden, out))
+    width = 2 * hidden if crelu else hidden
+    layers: list[nn.Module] = []
+    for n_in in (inp, width):
+        layers.append(nn.Linear(n_in, hidden))
+        if layernorm:
+            layers.append(nn.LayerNorm(hidden))
+        layers.append(CReLU() if crelu else nn.ReLU(inplace=True))
+    return nn.Sequential(*layers, nn.Linear(width, out))
+
+
+def _activations(mlp: nn.Module) -> list[nn.Module]:
+    """The hidden activation layers of an MLP, whose outputs the FAU counts (ReLU, or CReLU)."""
+    return [m for m in mlp if isinstance(m, (nn.ReLU, CReLU))]
 
 
 class Actor(nn.Module):
     """Deterministic policy mean ``tanh(mu)``; the agent adds clipped Gaussian noise (``TruncatedNormal``)."""
 
-    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int) -> None:
+    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int, layernorm: bool = False,
+                 crelu: bool = False) -> None:
         super().__init__()
         self.trunk = _trunk(repr_dim, feature_dim)
-        self.policy = _mlp(feature_dim, hidden_dim, action_dim)
+        self.policy = _mlp(feature_dim, hidden_dim, action_dim, layernorm, crelu)
         self.apply(weight_init)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -207,12 +284,14 @@ class Actor(nn.Module):
 class Critic(nn.Module):
     """Twin Q heads on a shared trunk, the action concatenated to the trunk's features."""
 
-    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int) -> None:
+    def __init__(self, repr_dim: int, action_dim: int, feature_dim: int, hidden_dim: int, layernorm: bool = False,
+                 crelu: bool = False) -> None:
         super().__init__()
         self.head_dims = (feature_dim + action_dim, hidden_dim)
+        self.head_options = {"layernorm": layernorm, "crelu": crelu}
         self.trunk = _trunk(repr_dim, feature_dim)
-        self.Q1 = _mlp(*self.head_dims, 1)
-        self.Q2 = _mlp(*self.head_dims, 1)
+        self.Q1 = _mlp(*self.head_dims, 1, **self.head_options)
+        self.Q2 = _mlp(*self.head_dims, 1, **self.head_options)
         self.apply(weight_init)
 
     def forward(self, h: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,18 +299,22 @@ class Critic(nn.Module):
         return self.Q1(x), self.Q2(x)
 
     def relus(self) -> list[nn.Module]:
-        """The hidden ReLU layers whose FAU is the critic's (after injection: those of the learning heads)."""
+        """The hidden ReLU (or CReLU) layers whose FAU is the critic's (after injection: those of the learning
+        heads)."""
         heads = [q.fresh if isinstance(q, InjectedHead) else q for q in (self.Q1, self.Q2)]
-        return [m for q in heads for m in q if isinstance(m, nn.ReLU)]
+        return [m for q in heads for m in _activations(q)]
 
 
-def _adam(params, lr: float) -> torch.optim.Optimizer:
-    """Adam with the fused kernel where this torch has it (10x faster on a CPU than the per-tensor loop)."""
+def _adam(params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch has it (10x faster on a CPU than the per-tensor loop);
+    ``weight_decay > 0``: AdamW, decay decoupled from the gradient (Loshchilov & Hutter 2019), ``theta -= lr * wd *
+    theta`` each step on every parameter given (biases and LayerNorm gains included)."""
     params = list(params)
+    opt, kwargs = (torch.optim.AdamW, {"weight_decay": weight_decay}) if weight_decay else (torch.optim.Adam, {})
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return opt(params, lr=lr, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # an older torch without CPU support for the fused kernel
-        return torch.optim.Adam(params, lr=lr)
+        return opt(params, lr=lr, **kwargs)
 
 
 def sample_action(mu: torch.Tensor, std: float, clip: float | None) -> torch.Tensor:
@@ -246,24 +329,57 @@ def sample_action(mu: torch.Tensor, std: float, clip: float | None) -> torch.Ten
 
 # ---------------------------------------------------------------------------------------------- agent
 class DrQV2Agent:
-    """Encoder, actor, twin critic and target critic; only the critic's loss trains the encoder."""
+    """Encoder, actor, twin critic and target critic; only the critic's loss trains the encoder.
 
-    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: Config, device: str = "cpu") -> None:
+    ``total_frames`` (the run's frame budget) is needed only by an augmentation window (``augment_from`` /
+    ``augment_until``): whether a batch is augmented depends on ``frame / total_frames`` alone.
+    """
+
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, cfg: Config, device: str = "cpu",
+                 total_frames: int | None = None) -> None:
         self.cfg, self.device = cfg, torch.device(device)
+        if cfg.windowed_augment and not (total_frames and total_frames > 0):
+            raise ValueError(f"an augmentation window (augment_from={cfg.augment_from}, augment_until="
+                             f"{cfg.augment_until}) needs the run's frame budget: pass total_frames > 0")
+        self.total_frames = total_frames
         self.encoder = Encoder(obs_shape).to(self.device)
         dims = (self.encoder.repr_dim, action_dim, cfg.feature_dim, cfg.hidden_dim)
-        self.actor = Actor(*dims).to(self.device)
-        self.critic = Critic(*dims).to(self.device)
-        self.critic_target = Critic(*dims).to(self.device)
+        heads = {"layernorm": cfg.head_layernorm, "crelu": cfg.crelu}
+        self.actor = Actor(*dims, **heads).to(self.device)
+        self.critic = Critic(*dims, **heads).to(self.device)
+        self.critic_target = Critic(*dims, **heads).to(self.device)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.encoder_opt, self.actor_opt, self.critic_opt = (
-            _adam(m.parameters(), cfg.lr) for m in (self.encoder, self.actor, self.critic))
+            _adam(m.parameters(), cfg.lr, cfg.weight_decay) for m in (self.encoder, self.actor, self.critic))
+        if cfg.freeze_encoder:
+            self.encoder.requires_grad_(False)  # and update_critic never steps encoder_opt
+        # L2-Init's theta_0 (checkpointed with the agent; a loaded pretrained encoder becomes its own theta_0)
+        self.l2_anchors = {n: snapshot(getattr(self, n)) for n in ("encoder", "actor", "critic")} if cfg.l2_init else {}
         self.aug: nn.Module = RandomShiftsAug(cfg.aug_pad) if cfg.augment else nn.Identity()
         self.injected = False
         self.fau = FAUMonitor()
         self.fau.watch("encoder", [m for m in self.encoder.convnet if isinstance(m, nn.ReLU)])
-        self.fau.watch("actor", [m for m in self.actor.policy if isinstance(m, nn.ReLU)])
+        self.fau.watch("actor", _activations(self.actor.policy))
         self.fau.watch("critic", self.critic.relus())
+
+    def augmenting(self, frame: int) -> bool:
+        """Whether the update at ``frame`` augments its batch (always with ``augment`` and no window)."""
+        if not self.cfg.augment:
+            return False
+        if not self.cfg.windowed_augment:
+            return True
+        assert self.total_frames  # checked in __init__
+        return self.cfg.augment_from <= frame / self.total_frames < self.cfg.augment_until
+
+    def load_encoder(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a (pretrained) encoder; with L2-Init it becomes the encoder's theta_0."""
+        self.encoder.load_state_dict(state)
+        if self.l2_anchors:
+            self.l2_anchors["encoder"] = snapshot(self.encoder)
+
+    def l2_init_loss(self, *names: str) -> torch.Tensor:
+        """L2-Init's penalty ``l2_init * ||theta - theta_0||^2`` over the networks ``names``."""
+        return self.cfg.l2_init * sum(l2_init_penalty(getattr(self, n), self.l2_anchors[n]) for n in names)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, frame: int, explore: bool) -> np.ndarray:
@@ -277,7 +393,9 @@ class DrQV2Agent:
         """One update of critic (with encoder), actor and target on ``batch``; returns the losses and Q values."""
         obs, action, reward, discount, next_obs = (
             torch.as_tensor(batch[k], device=self.device) for k in ("obs", "action", "reward", "discount", "next_obs"))
-        obs, next_obs = self.aug(obs.float()), self.aug(next_obs.float())  # two draws: independent shifts
+        augmenting = self.augmenting(frame)
+        aug = self.aug if augmenting else _NO_AUG
+        obs, next_obs = aug(obs.float()), aug(next_obs.float())  # two draws: independent shifts
         with self.fau.record("encoder"):
             h = self.encoder(obs)
         with torch.no_grad():
@@ -288,6 +406,8 @@ class DrQV2Agent:
         with torch.no_grad():
             for target, param in zip(self.critic_target.parameters(), self.critic.parameters(), strict=True):
                 target.lerp_(param, self.cfg.tau)
+        if self.cfg.windowed_augment:
+            metrics["charts/augment"] = float(augmenting)  # per episode: the fraction of augmented updates
         return metrics
 
     def update_critic(self, h, action, reward, discount, next_h, std: float) -> dict[str, float]:
@@ -297,28 +417,48 @@ class DrQV2Agent:
         with self.fau.record("critic"):  # the FAU of the forward pass this loss makes, on the training batch
             q1, q2 = self.critic(h, action)
         loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        extra: dict[str, float] = {}
+        total = loss
+        if self.cfg.l2_init:  # this loss trains the encoder and the critic
+            penalty = self.l2_init_loss("encoder", "critic")
+            total, extra["losses/l2_init_critic"] = loss + penalty, penalty.item()
         self.encoder_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         self.critic_opt.step()
-        self.encoder_opt.step()
-        return {"losses/critic": loss.item(), "losses/q1": q1.mean().item(), "losses/target_q": target_q.mean().item()}
+        if not self.cfg.freeze_encoder:
+            self.encoder_opt.step()
+        return {"losses/critic": loss.item(), "losses/q1": q1.mean().item(), "losses/target_q": target_q.mean().item(),
+                **extra}
 
     def update_actor(self, h: torch.Tensor, std: float) -> dict[str, float]:
         with self.fau.record("actor"):
             mu = self.actor(h)
         q1, q2 = self.critic(h, sample_action(mu, std, self.cfg.std_clip))
         loss = -torch.min(q1, q2).mean()
+        extra: dict[str, float] = {}
+        total = loss
+        if self.cfg.l2_init:
+            penalty = self.l2_init_loss("actor")
+            total, extra["losses/l2_init_actor"] = loss + penalty, penalty.item()
         self.actor_opt.zero_grad(set_to_none=True)
         # gradients for the actor only: the reference also fills the critic's, which its next update zeroes unused
-        loss.backward(inputs=list(self.actor.parameters()))
+        total.backward(inputs=list(self.actor.parameters()))
         self.actor_opt.step()
-        return {"losses/actor": loss.item()}
+        return {"losses/actor": loss.item(), **extra}
 
     def reset_heads(self) -> None:
         """Reset (Nikishin et al. 2022): actor and critic re-drawn (target follows), encoder and buffer kept."""
         reinitialize(self.actor, weight_init, [self.actor_opt])
         reinitialize(self.critic, weight_init, [self.critic_opt])
+        self.critic_target.load_state_dict(self.critic.state_dict())
+
+    def shrink_perturb(self) -> None:
+        """Shrink & Perturb (Ash & Adams 2020) of encoder (unless frozen), actor and critic, in that order:
+        ``theta <- sp_alpha * theta + sp_sigma * theta_fresh``, ``theta_fresh`` a new draw of the network's own init;
+        then the target critic is set equal to the critic. Adam's moments are kept; the buffer too."""
+        for module in (self.encoder, self.actor, self.critic):
+            shrink_perturb(module, weight_init, self.cfg.sp_alpha, self.cfg.sp_sigma)
         self.critic_target.load_state_dict(self.critic.state_dict())
 
     def inject(self) -> None:
@@ -327,10 +467,10 @@ class DrQV2Agent:
             raise AdaptBenchError("plasticity was already injected into this critic")
         fresh_params = []
         for name in ("Q1", "Q2"):
-            fresh = _mlp(*self.critic.head_dims, 1).to(self.device)
+            fresh = _mlp(*self.critic.head_dims, 1, **self.critic.head_options).to(self.device)
             fresh.apply(weight_init)
             setattr(self.critic, name, InjectedHead(getattr(self.critic, name), fresh))
-            target_fresh = _mlp(*self.critic.head_dims, 1).to(self.device)
+            target_fresh = _mlp(*self.critic.head_dims, 1, **self.critic.head_options).to(self.device)
             target_fresh.load_state_dict(fresh.state_dict())
             setattr(self.critic_target, name, InjectedHead(getattr(self.critic_target, name), target_fresh))
             fresh_params += list(fresh.parameters())
@@ -340,11 +480,17 @@ class DrQV2Agent:
 
     def state_dict(self) -> dict[str, Any]:
         names = ("encoder", "actor", "critic", "critic_target", "encoder_opt", "actor_opt", "critic_opt")
-        return {name: getattr(self, name).state_dict() for name in names}
+        state = {name: getattr(self, name).state_dict() for name in names}
+        if self.l2_anchors:
+            state["l2_anchors"] = self.l2_anchors
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
-            getattr(self, name).load_state_dict(value)
+            if name == "l2_anchors":
+                self.l2_anchors = {k: {n: t.to(self.device) for n, t in v.items()} for k, v in value.items()}
+            else:
+                getattr(self, name).load_state_dict(value)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -369,7 +515,8 @@ class Trainer:
     at an episode end the env holds no state worth saving but its RNG.
     """
 
-    def __init__(self, ctx: RunContext, cfg: Config, checkpoint_every: int | None = None) -> None:
+    def __init__(self, ctx: RunContext, cfg: Config, checkpoint_every: int | None = None,
+                 encoder_state: dict[str, torch.Tensor] | None = None) -> None:
         cfg.validate()
         torch.set_num_threads(ctx.torch_threads)
         self.ctx, self.cfg = ctx, cfg
@@ -378,7 +525,9 @@ class Trainer:
         self.repeat = int(ctx.task.kwargs.get("action_repeat", 2))
         obs_shape = self.env.observation_space.shape
         action_dim = int(self.env.action_space.shape[0])
-        self.agent = DrQV2Agent(obs_shape, action_dim, cfg, ctx.device)
+        self.agent = DrQV2Agent(obs_shape, action_dim, cfg, ctx.device, total_frames=ctx.budget.train_steps)
+        if encoder_state is not None:  # a pretrained encoder (a resumed run then loads the same one, checkpointed)
+            self.agent.load_encoder(encoder_state)
         stack = int(ctx.task.kwargs.get("frame_stack", 3))
         # never more slots than the run can fill: one per agent step plus one per episode start
         steps = ctx.budget.train_steps // self.repeat
@@ -432,6 +581,10 @@ class Trainer:
             every = cfg.reset_interval_frames
             if every and self.frame // every > (self.frame - self.repeat) // every and self.frame < total:
                 self.agent.reset_heads()
+            every = cfg.sp_interval_frames
+            if every and self.frame // every > (self.frame - self.repeat) // every and self.frame < total:
+                self.agent.shrink_perturb()
+                ctx.log(self.frame, {"charts/shrink_perturb_frame": self.frame})
             if cfg.inject_at_frame and self.frame >= cfg.inject_at_frame and not self.agent.injected:
                 self.agent.inject()
             if terminated or truncated:
@@ -500,6 +653,95 @@ class Trainer:
             self.ctx.log(row["step"], {row["key"]: row["value"]}, axis=row["axis"])
 
 
+# ---------------------------------------------------------------------------------------------- pretrained encoder
+PRETRAIN_SEED = 7418
+"""Seed of the encoder pretraining run (from the paper's arXiv id): a constant, not ``ctx.seed``, so every seed of
+drqv2-frozen and drqv2-noaug-frozen shares one pretrained encoder."""
+ENCODER_FORMAT = 1
+"""Version of the pretrained-encoder artifact; part of its cache key."""
+# the hyper-parameters a pretraining run takes from the run it serves; every other field (the plasticity switches,
+# ARR, Reset, Injection, the frozen encoder itself) is drqv2's default, augmentation on
+_SHARED = ("aug_pad", "feature_dim", "hidden_dim", "lr", "batch_size", "nstep", "discount", "tau", "seed_frames",
+           "std_schedule", "std_clip", "buffer_size", "replay_ratio")
+
+
+def pretrain_config(cfg: Config) -> Config:
+    """The encoder pretraining run's config: drqv2 as published (augmented, no plasticity switch) with ``cfg``'s
+    shared hyper-parameters (``cfg`` already through :func:`task_config`)."""
+    return dataclasses.replace(Config(), **{name: getattr(cfg, name) for name in _SHARED})
+
+
+class _Pretraining(Trainer):
+    """A Trainer that makes no evaluation episodes: the pretraining run's product is its encoder, not a score."""
+
+    def evaluate(self, frame: int) -> None:
+        self.evals_done += 1
+
+
+@contextlib.contextmanager
+def _own_global_rngs(seed: int) -> Iterator[None]:
+    """The block runs with python's, numpy's and torch's global generators seeded from ``seed``; the caller's states
+    are put back afterwards, so a run does the same whether or not it had to build a shared artifact first."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _valid_encoder(path: Path) -> bool:
+    try:
+        state = torch.load(path / "encoder.pt", weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return False
+    return (isinstance(state, dict) and bool(state)
+            and all(k.startswith("convnet.") and isinstance(v, torch.Tensor) for k, v in state.items()))
+
+
+def pretrained_encoder(ctx: RunContext, cfg: Config) -> dict[str, torch.Tensor]:
+    """The final encoder ``state_dict`` of an augmented drqv2 run on ``ctx.task``, built once into ``ctx.cache``.
+
+    Ma et al. (Fig. 4) freeze an ImageNet-pretrained encoder; nothing can be downloaded here, so the stand-in is an
+    in-domain encoder: drqv2 with augmentation (:func:`pretrain_config`) trained for the run's own frame budget on
+    the same task, seed :data:`PRETRAIN_SEED`. The artifact is keyed by task id and version, preset, budget and the
+    pretraining config, so drqv2-frozen and drqv2-noaug-frozen (which differ only in switches the pretraining
+    resets) and all their seeds share it. The pretraining run checkpoints like a run (next to the artifact, removed
+    once it is built) so a killed build resumes, and it uses its own global RNG states (:func:`_own_global_rngs`).
+    """
+    pre = pretrain_config(cfg)
+    budget = dataclasses.replace(ctx.budget, eval_every=0)  # no evaluation rows are made (see _Pretraining)
+    key = {"kind": "drqv2-encoder", "format": ENCODER_FORMAT, "task": ctx.task.id, "task_version": ctx.task.version,
+           "preset": ctx.preset, "budget": dataclasses.asdict(budget), "config": dataclasses.asdict(pre),
+           "seed": PRETRAIN_SEED}
+    name = f"drqv2-encoder-{ctx.task.id}"
+    target = ctx.cache.path_for(name, key)
+    checkpoints = target.parent / f".ckpt-{target.name}"
+
+    def build(out: Path) -> None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        pre_ctx = RunContext(task=ctx.task, seed=PRETRAIN_SEED, preset=ctx.preset, budget=budget, config=pre,
+                             device=ctx.device, log=RunLogger(), checkpoint_dir=checkpoints, cache=ctx.cache,
+                             rng=np.random.default_rng(PRETRAIN_SEED), torch_threads=ctx.torch_threads,
+                             progress_fn=lambda f, msg: ctx.progress(f, f"pretraining the encoder: {msg}"))
+        with _own_global_rngs(PRETRAIN_SEED):
+            trainer = _Pretraining(pre_ctx, pre, checkpoint_every=ctx.budget.eval_every or budget.train_steps)
+            trainer.train()
+        torch.save({k: v.cpu() for k, v in trainer.agent.encoder.state_dict().items()}, out / "encoder.pt")
+        returns = [r["value"] for r in pre_ctx.log.rows if r["key"] == "charts/episode_return"]
+        (out / "pretraining.json").write_text(json.dumps({
+            "frames": trainer.frame, "episodes": trainer.episode, "seed": PRETRAIN_SEED,
+            "last_episode_returns": returns[-10:]}, indent=1))
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+    path = ctx.cache.get_or_build(name, key, build, _valid_encoder)
+    return torch.load(path / "encoder.pt", weights_only=True, map_location=ctx.device)
+
+
 # ---------------------------------------------------------------------------------------------- methods
 class DrQV2:
     """DrQ-v2 on DMC pixels, logging FAU of critic, encoder and actor (Yarats et al. 2021; Ma et al. 2024)."""
@@ -514,7 +756,9 @@ class DrQV2:
         return True
 
     def run(self, ctx: RunContext) -> None:
-        Trainer(ctx, task_config(ctx.config, ctx.task)).train()
+        cfg = task_config(ctx.config, ctx.task)
+        encoder = pretrained_encoder(ctx, cfg) if cfg.pretrain_encoder else None
+        Trainer(ctx, cfg, encoder_state=encoder).train()
 
 
 class DrQV2NoAug(DrQV2):
@@ -584,3 +828,124 @@ class DrQV2NoAugInject(DrQV2):
     class Config(DrQV2NoAug.Config):
         inject_at_frame: int = 1_000_000
         """Plasticity Injection into the critic at 1M frames (the authors' Plasticity-Injection_Torch default)."""
+
+
+# -- Plasticity fixes compared with augmentation (Ma et al. Fig. 2), each on drqv2-noaug -------------------------------
+# The strengths are our choices, not the paper's (its text gives none we could use): see each field's docstring.
+class DrQV2NoAugWeightDecay(DrQV2):
+    """DrQ-v2 without augmentation, with decoupled weight decay (AdamW) on encoder, actor and critic."""
+
+    name = "drqv2-noaug-wd"
+
+    @dataclass
+    class Config(DrQV2NoAug.Config):
+        weight_decay: float = 0.01
+        """AdamW's decoupled decay on every parameter; 0.01 is torch.optim.AdamW's default (our choice, untuned):
+        at lr 1e-4 the weights shrink by 1e-6 per update."""
+
+
+class DrQV2NoAugL2Init(DrQV2):
+    """DrQ-v2 without augmentation, with L2-Init: each loss is pulled towards its networks' initial parameters."""
+
+    name = "drqv2-noaug-l2init"
+
+    @dataclass
+    class Config(DrQV2NoAug.Config):
+        l2_init: float = 1e-3
+        """lambda of lambda ||theta - theta_0||^2 (Kumar et al. 2023 tune it per benchmark; 1e-3 is our untuned
+        choice), on encoder + critic for the critic loss and on the actor for the actor loss."""
+
+
+class DrQV2NoAugLayerNorm(DrQV2):
+    """DrQ-v2 without augmentation, with LayerNorm in the hidden layers of the actor's MLP and both Q heads."""
+
+    name = "drqv2-noaug-layernorm"
+
+    @dataclass
+    class Config(DrQV2NoAug.Config):
+        head_layernorm: bool = True
+        """LayerNorm after each hidden Linear of actor and Q heads, before the ReLU."""
+
+
+class DrQV2NoAugShrinkPerturb(DrQV2):
+    """DrQ-v2 without augmentation, with periodic Shrink & Perturb of encoder, actor and critic."""
+
+    name = "drqv2-noaug-shrinkperturb"
+    # the interval is scaled to the budget like drqv2-noaug-reset's (a recorded deviation), never switched off
+    presets = {"smoke": {**SMOKE, "sp_interval_frames": 900}, "quick": {**QUICK, "sp_interval_frames": 10_000}}
+
+    @dataclass
+    class Config(DrQV2NoAug.Config):
+        sp_interval_frames: int = 200_000
+        """Every 200k frames, the interval of drqv2-noaug-reset (our choice); sp_alpha 0.8 / sp_sigma 0.2 (our
+        choice) interpolate towards a fresh init as later replay-ratio work does (alpha + sigma = 1)."""
+
+
+class DrQV2NoAugCReLU(DrQV2):
+    """DrQ-v2 without augmentation, with CReLU in the hidden layers of the actor's MLP and both Q heads."""
+
+    name = "drqv2-noaug-crelu"
+
+    @dataclass
+    class Config(DrQV2NoAug.Config):
+        crelu: bool = True
+        """CReLU activations; the Linear after each takes 2 x hidden_dim inputs (more parameters, same width)."""
+
+
+# -- Training stages (Ma et al. Fig. 6): augmentation early only, or late only ------------------------------------
+# At smoke the seed frames end at 800 of 1000 frames, after the switch at 500: the smoke preset starts updating at
+# 400 so that both windows are exercised (a recorded deviation; the window itself is never overridden).
+_STAGE_PRESETS: dict[str, dict[str, Any]] = {"smoke": {**SMOKE, "seed_frames": 400}, "quick": QUICK}
+
+
+class DrQV2AugEarly(DrQV2):
+    """DrQ-v2 with augmentation in the first half of training only."""
+
+    name = "drqv2-aug-early"
+    presets = _STAGE_PRESETS
+
+    @dataclass
+    class Config(Config):
+        augment_until: float = 0.5
+        """Augmentation switched off at half the run's frames (the fraction is our choice)."""
+
+
+class DrQV2AugLate(DrQV2):
+    """DrQ-v2 with augmentation in the second half of training only."""
+
+    name = "drqv2-aug-late"
+    presets = _STAGE_PRESETS
+
+    @dataclass
+    class Config(Config):
+        augment_from: float = 0.5
+        """Augmentation switched on at half the run's frames (the fraction is our choice)."""
+
+
+# -- Frozen pretrained encoder (Ma et al. Fig. 4) ---------------------------------------------------------------
+class DrQV2Frozen(DrQV2):
+    """DrQ-v2 heads trained with augmentation on a frozen encoder pretrained by an augmented drqv2 run."""
+
+    name = "drqv2-frozen"
+
+    @dataclass
+    class Config(Config):
+        freeze_encoder: bool = True
+        """The encoder never changes."""
+        pretrain_encoder: bool = True
+        """It is the final encoder of an augmented drqv2 run on the task (not ImageNet: see pretrained_encoder)."""
+
+    def prepare(self, ctx: RunContext) -> None:
+        """Build the shared pretrained encoder once, before the runs (shared with drqv2-noaug-frozen)."""
+        pretrained_encoder(ctx, task_config(ctx.config, ctx.task))
+
+
+class DrQV2NoAugFrozen(DrQV2Frozen):
+    """DrQ-v2 heads trained without augmentation on the same frozen pretrained encoder as drqv2-frozen."""
+
+    name = "drqv2-noaug-frozen"
+
+    @dataclass
+    class Config(DrQV2Frozen.Config):
+        augment: bool = False
+        """No augmentation for the heads' training."""

@@ -11,6 +11,13 @@
   forget their optimiser state.
 * :class:`InjectedHead`: Plasticity Injection (Nikishin et al. 2023, arXiv 2305.15555): ``h(x) = h_old(x) +
   h_new(x) - h_new0(x)`` with ``h_old`` and the copy ``h_new0`` frozen, so the output is unchanged at injection.
+
+The plasticity fixes Ma et al. compare with data augmentation (paper Fig. 2):
+
+* :class:`CReLU`: concatenated ReLU (Abbas et al. 2023, arXiv 2303.07507).
+* :func:`shrink_perturb`: Shrink & Perturb (Ash & Adams 2020, arXiv 1910.08475) towards a fresh initialisation.
+* :func:`snapshot` and :func:`l2_init_penalty`: L2-Init (Kumar et al. 2023, arXiv 2308.11958), a penalty towards the
+  initial parameters.
 """
 
 from __future__ import annotations
@@ -212,3 +219,47 @@ class InjectedHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the difference first: it is exactly 0 at injection, so the output is bit-for-bit unchanged
         return self.original(x) + (self.fresh(x) - self.anchor(x))
+
+
+class CReLU(nn.Module):
+    """Concatenated ReLU (Abbas et al. 2023): ``[relu(x), relu(-x)]`` along the last dimension, twice as wide as its
+    input, so the next Linear takes ``2 x`` its width. Of each pair exactly one output is positive unless ``x == 0``:
+    the layer's FAU (its outputs > 0, as for a ReLU) is at most 0.5 and a unit can never die."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim=-1)
+
+
+def fresh_copy(module: nn.Module, init: Callable[[nn.Module], None]) -> nn.Module:
+    """A copy of ``module`` whose parameters are re-drawn as at construction (``reset_parameters``, then ``init``),
+    from the global torch generator; ``module`` itself is untouched."""
+    fresh = copy.deepcopy(module)
+    reinitialize(fresh, init)
+    return fresh
+
+
+@torch.no_grad()
+def shrink_perturb(module: nn.Module, init: Callable[[nn.Module], None], alpha: float, sigma: float) -> None:
+    """Shrink & Perturb in place: ``theta <- alpha * theta + sigma * theta_fresh`` for every trainable parameter, with
+    ``theta_fresh`` from :func:`fresh_copy` (the module's own initialisation, a new draw). Frozen parameters
+    (``requires_grad`` False: a frozen encoder, an injected head's frozen halves) are left as they are; optimiser
+    state is kept (the optimiser goes on with the shrunk parameters)."""
+    fresh = fresh_copy(module, init)
+    for p, q in zip(module.parameters(), fresh.parameters(), strict=True):
+        if p.requires_grad:
+            p.copy_(alpha * p + sigma * q)
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of ``module``'s parameters by name: L2-Init's ``theta_0``."""
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def l2_init_penalty(module: nn.Module, anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2-Init's ``||theta - theta_0||^2`` (a sum of squares, unscaled) over ``module``'s trainable parameters that
+    ``anchor`` holds (parameters added later, e.g. injected heads, have no ``theta_0`` and are not pulled)."""
+    terms = [(p - anchor[name]).pow(2).sum() for name, p in module.named_parameters()
+             if p.requires_grad and name in anchor]
+    if not terms:
+        return torch.zeros((), device=next(iter(anchor.values())).device if anchor else None)
+    return torch.stack(terms).sum()

@@ -26,6 +26,15 @@ _BUILTIN = {
     "drqv2-arr": "baselines.drqv2:DrQV2ARR",
     "drqv2-noaug-reset": "baselines.drqv2:DrQV2NoAugReset",
     "drqv2-noaug-inject": "baselines.drqv2:DrQV2NoAugInject",
+    "drqv2-noaug-wd": "baselines.drqv2:DrQV2NoAugWeightDecay",
+    "drqv2-noaug-l2init": "baselines.drqv2:DrQV2NoAugL2Init",
+    "drqv2-noaug-layernorm": "baselines.drqv2:DrQV2NoAugLayerNorm",
+    "drqv2-noaug-shrinkperturb": "baselines.drqv2:DrQV2NoAugShrinkPerturb",
+    "drqv2-noaug-crelu": "baselines.drqv2:DrQV2NoAugCReLU",
+    "drqv2-aug-early": "baselines.drqv2:DrQV2AugEarly",
+    "drqv2-aug-late": "baselines.drqv2:DrQV2AugLate",
+    "drqv2-frozen": "baselines.drqv2:DrQV2Frozen",
+    "drqv2-noaug-frozen": "baselines.drqv2:DrQV2NoAugFrozen",
 }
 
 

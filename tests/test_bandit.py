@@ -16,6 +16,7 @@ from bench.method import ArtifactCache
 from bench.store import ResultsStore
 from tasks import bandit as bd
 from tasks.references import get_references
+from tests.test_gridworld import _rollout
 
 OOD, ID = "AdversarialBandit-v0", "AdversarialBanditID-v0"
 # sha256 of repr((train, OOD test, ID test)): an accidental change of a split must fail here (new version instead)
@@ -77,15 +78,10 @@ def test_draw_tasks_follows_the_favoured_parity() -> None:
 
 def _env_rollout(spec: tasks.TaskSpec, task, actions: list[int], seed: int) -> list[tuple]:
     env = spec.make(task)
-    env.reset(seed=seed)
-    out = []
-    for a in actions:
-        obs, r, term, trunc, _ = env.step(a)
-        out.append((int(obs), r, term, trunc))
-        if term or trunc:
-            env.reset()
-    env.close()
-    return out
+    try:
+        return _rollout(env, actions, seed)  # the grid worlds' step-by-step recorder
+    finally:
+        env.close()
 
 
 def test_core_matches_env_step_for_step(ood: tasks.TaskSpec) -> None:

@@ -67,6 +67,8 @@ class Config:
     """Random-shift augmentation of obs and next obs; the only difference between drqv2 and drqv2-noaug."""
     aug_pad: int = 4
     """Pixels of replicate padding before the random shift (``RandomShiftsAug(pad=4)``)."""
+    image_size: int = 84
+    """Side of the rendered square observation in pixels (DrQ-v2: 84); passed to the task's ``size`` setting."""
     feature_dim: int = 50
     """Width of the actor's and critic's Linear-LayerNorm-Tanh trunk."""
     hidden_dim: int = 1024
@@ -127,7 +129,7 @@ class Config:
     """Start from the encoder of an augmented drqv2 run on the same task (see :func:`pretrained_encoder`)."""
 
     def validate(self) -> None:
-        positive = ("feature_dim", "hidden_dim", "batch_size", "nstep", "buffer_size", "arr_interval_episodes", "lr",
+        positive = ("image_size", "feature_dim", "hidden_dim", "batch_size", "nstep", "buffer_size", "arr_interval_episodes", "lr",
                     "replay_ratio", "arr_high_ratio", "discount", "tau")
         for name in positive + ("aug_pad", "seed_frames", "reset_interval_frames", "inject_at_frame"):
             value = getattr(self, name)
@@ -153,14 +155,15 @@ class Config:
         return (self.augment_from, self.augment_until) != (0.0, 1.0)
 
 
-# Smoke: seconds (CI). Quick: the task's 40k-frame budget on one core of a 2-core CPU, sized by
-# tests/bench_drqv2.py: an update's cost is the encoder's convolutions, linear in the batch (batch 32: ~0.2 CPU s,
-# 8x less than 256) and nearly independent of the hidden width (1024 costs ~8% more than 256), so the paper's width
-# stays; the exploration-noise schedule is rescaled from 200k to 20k frames to end inside the budget. One quick run
-# is ~9k updates at replay ratio 0.5 (~30 CPU min) plus 32.5k rendered steps (~5 min); ratio 2 is ~4x the updates.
-SMOKE: dict[str, Any] = {"hidden_dim": 32, "feature_dim": 16, "batch_size": 4, "seed_frames": 800,
-                         "std_schedule": Linear(1.0, 0.1, 1000), "arr_interval_episodes": 1, "arr_threshold": 1.0}
-QUICK: dict[str, Any] = {"batch_size": 32, "std_schedule": Linear(1.0, 0.1, 20_000)}
+# Smoke: seconds (CI). Quick: the task's 40k-frame budget on one core of a 2-core CPU. An update's cost is the
+# encoder's convolutions, linear in the batch and the image area, plus the heads. CPU ms per update, one thread
+# (tests/bench_drqv2.py's update at each size, measured on this machine):
+#     84 px, hidden 1024, batch 32: 244    84 px, hidden 256, batch 32: 223    84 px, hidden 256, batch 64: 421
+#     64 px, hidden 1024, batch 32: 151    64 px, hidden 256, batch 32:  99    64 px, hidden 256, batch 64: 190
+# so quick renders 64 px (the issue's range: 64 or 84), keeps 2 x 256 ReLU units per head and batch 32: ~9k updates
+# at replay ratio 0.5 cost ~15 CPU min instead of ~37 at 84 px / 1024. The exploration-noise schedule is rescaled
+# from 200k to 20k frames to end inside the budget. Ratio 2 is ~4x the updates.
+QUICK: dict[str, Any] = {"batch_size": 32, "hidden_dim": 256, "image_size": 64, "std_schedule": Linear(1.0, 0.1, 20_000)}
 
 # cfgs/task/*.yaml: per-task settings of the reference. They replace a field only while it holds the paper
 # default, so a preset's or the command line's explicit value wins.
@@ -521,7 +524,10 @@ class Trainer:
         torch.set_num_threads(ctx.torch_threads)
         self.ctx, self.cfg = ctx, cfg
         self.checkpoint_every = checkpoint_every or ctx.budget.eval_every or ctx.budget.train_steps
-        self.env, self.eval_env = ctx.task.make(), ctx.task.make()
+        # the render size is the method's setting (a smaller image is a quick-preset budget); a task without one
+        # (it renders at a fixed size) is made as registered
+        size = {"size": cfg.image_size} if "size" in ctx.task.kwargs else {}
+        self.env, self.eval_env = ctx.task.make(**size), ctx.task.make(**size)
         self.repeat = int(ctx.task.kwargs.get("action_repeat", 2))
         obs_shape = self.env.observation_space.shape
         action_dim = int(self.env.action_space.shape[0])
@@ -661,7 +667,7 @@ ENCODER_FORMAT = 1
 """Version of the pretrained-encoder artifact; part of its cache key."""
 # the hyper-parameters a pretraining run takes from the run it serves; every other field (the plasticity switches,
 # ARR, Reset, Injection, the frozen encoder itself) is drqv2's default, augmentation on
-_SHARED = ("aug_pad", "feature_dim", "hidden_dim", "lr", "batch_size", "nstep", "discount", "tau", "seed_frames",
+_SHARED = ("aug_pad", "image_size", "feature_dim", "hidden_dim", "lr", "batch_size", "nstep", "discount", "tau", "seed_frames",
            "std_schedule", "std_clip", "buffer_size", "replay_ratio")
 
 

@@ -163,7 +163,10 @@ class Config:
 # so quick renders 64 px (the range: 64 or 84), keeps 2 x 256 ReLU units per head and batch 32: ~9k updates
 # at replay ratio 0.5 cost ~15 CPU min instead of ~37 at 84 px / 1024. The exploration-noise schedule is rescaled
 # from 200k to 20k frames to end inside the budget. Ratio 2 is ~4x the updates.
-QUICK: dict[str, Any] = {"batch_size": 32, "hidden_dim": 256, "image_size": 64, "std_schedule": Linear(1.0, 0.1, 20_000)}
+SMOKE: dict[str, Any] = {"hidden_dim": 32, "feature_dim": 16, "batch_size": 4, "seed_frames": 800,
+                         "std_schedule": Linear(1.0, 0.1, 1000), "arr_interval_episodes": 1, "arr_threshold": 1.0}
+QUICK: dict[str, Any] = {"batch_size": 32, "hidden_dim": 256, "image_size": 64,
+                         "std_schedule": Linear(1.0, 0.1, 20_000)}
 
 # cfgs/task/*.yaml: per-task settings of the reference. They replace a field only while it holds the paper
 # default, so a preset's or the command line's explicit value wins.

@@ -28,6 +28,7 @@ from bench.store import CorruptRecordError, ResultsStore
 
 EVAL_KEY = "eval/return"
 FAU_KEY = "fau/critic"
+ARR_SWITCH_KEY = "charts/arr_switch_frame"
 
 
 @dataclass
@@ -59,6 +60,10 @@ def run_scores(record) -> tuple[dict, pd.DataFrame]:
         row.update(final=float(score[-1]), raw_final=float(raw[-1]), auc=float(scoring.auc(steps, score)))
         fau = curve[curve["key"] == FAU_KEY].sort_values("step")
         row["fau_critic"] = float(fau["value"].iloc[-1]) if len(fau) else np.nan
+        # Adaptive Replay Ratio: the frame of its one switch (NaN: it never came)
+        row["arr"] = bool((meta.get("config") or {}).get("arr"))
+        switch = curve[curve["key"] == ARR_SWITCH_KEY]["value"]
+        row["arr_switch_frame"] = float(switch.iloc[0]) if len(switch) else np.nan
     frame = pd.DataFrame({"method": meta["method"], "task": meta["task"], "seed": meta["seed"],
                           "family": meta["family"], "preset": meta["preset"], "step": steps, "raw": raw,
                           "score": score})
@@ -154,6 +159,17 @@ def raw_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.map(lambda v: "–" if pd.isna(v) else f"{v:.4g}")  # a method not run on a task shows a dash
 
 
+def arr_switch_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per ARR run: method, task, preset, seed, the frame of the switch ("no switch" if it never came)."""
+    if "arr" not in runs:
+        return pd.DataFrame()
+    r = runs[runs["arr"].fillna(False).astype(bool)].sort_values(["preset", "method", "task", "seed"])
+    return pd.DataFrame({
+        "Method": r["method"], "Task": r["task"], "Preset": r["preset"], "Seed": r["seed"],
+        "Switch frame": [("no switch" if math.isnan(f) else f"{int(f):,}") for f in r["arr_switch_frame"]],
+        "Deviations from paper": r["deviations"].replace("", "–")})
+
+
 def _md(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -187,6 +203,12 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
         md += [f"## {family} — preset `{preset}`", "", what + ".", "", _md(table), "",
                "Raw returns (final, mean over seeds):", "", _md(raw_table(g).reset_index()), ""]
         csv_parts.append(csv.assign(family=family, preset=preset))
+    switches = arr_switch_table(runs)
+    if not switches.empty:
+        md += ["## Adaptive Replay Ratio: the switch of each run", "",
+               "ARR starts at the low replay ratio and switches once to the high one when the critic's FAU changed by "
+               "at most the threshold between two checks; the check interval (paper: every 50 episodes) is in the "
+               "deviations column where a preset rescaled it.", "", _md(switches), ""]
     if messages:
         md += ["## Not included", ""] + [f"- {m}" for m in messages] + [""]
     report.markdown_path.write_text("\n".join(md))

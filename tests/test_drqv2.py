@@ -426,6 +426,24 @@ def test_checkpoint_written_with_another_config_is_refused(tmp_path):
         t.eval_env.close()
 
 
+def test_image_size_sets_the_rendered_observation(tmp_path):
+    """The quick preset renders 64 px: env, eval env, replay frames and the encoder all follow ``image_size``."""
+    assert resolve_config(DrQV2(), "quick").image_size == 64 and Config().image_size == 84
+    cfg = dataclasses.replace(SMALL, image_size=48)
+    trainer = Trainer(_ctx(tmp_path / "ckpt", tmp_path / "cache", cfg), cfg)
+    try:
+        assert trainer.env.observation_space.shape == trainer.eval_env.observation_space.shape == (9, 48, 48)
+        assert trainer.env.reset(seed=0)[0].shape == (9, 48, 48)
+        assert trainer.replay.frames.shape[1:] == (3, 48, 48)
+        assert trainer.agent.encoder.repr_dim == 32 * 17 * 17  # 48 -> 23 -> 21 -> 19 -> 17
+    finally:
+        trainer.env.close()
+        trainer.eval_env.close()
+    assert "image_size" in drqv2._SHARED  # a pretrained encoder is built at the size of the run it serves
+    with pytest.raises(ValueError, match="image_size"):
+        dataclasses.replace(SMALL, image_size=0).validate()
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_arr_variant_end_to_end_at_smoke(tmp_path):
@@ -447,3 +465,10 @@ def test_arr_variant_end_to_end_at_smoke(tmp_path):
     arr = records["drqv2-arr"].curve
     assert arr[arr.key == "charts/arr_switch_frame"].value.tolist() == [1000.0]  # smoke's threshold 1.0
     assert not (tmp_path / "cache" / "checkpoints" / records["drqv2-arr"].run_id).exists()  # removed after success
+    # the leaderboard lists each ARR run's switch frame
+    from bench.leaderboard import build_leaderboard
+
+    md = build_leaderboard(tmp_path / "res", tmp_path / "board", plots=False).markdown_path.read_text()
+    section = md.split("## Adaptive Replay Ratio: the switch of each run", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| drqv2-arr"))
+    assert "| 1,000 |" in row and "arr_interval_episodes=1 (paper 50)" in row

@@ -29,6 +29,8 @@ from bench.store import CorruptRecordError, ResultsStore
 EVAL_KEY = "eval/return"
 FAU_KEY = "fau/critic"
 ARR_SWITCH_KEY = "charts/arr_switch_frame"
+PLATEAU_MIN_FINAL = 5.0
+"""Episodes to plateau are reported only for a final normalised score above this (random's final is ~0)."""
 
 
 @dataclass
@@ -55,7 +57,8 @@ def run_scores(record) -> tuple[dict, pd.DataFrame]:
         k = max(1, math.ceil(0.1 * len(score)))
         row.update(first=float(score[0]), final=float(score[-k:].mean()), raw_final=float(raw[-k:].mean()))
         row["improvement"] = row["final"] - row["first"]
-        row["plateau"] = scoring.episodes_to_plateau(score)
+        # defined only above the random level's noise (random's final is ~0 +- a few points)
+        row["plateau"] = scoring.episodes_to_plateau(score, min_final=PLATEAU_MIN_FINAL)
     else:
         row.update(final=float(score[-1]), raw_final=float(raw[-1]), auc=float(scoring.auc(steps, score)))
         fau = curve[curve["key"] == FAU_KEY].sort_values("step")
@@ -194,8 +197,8 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
     for (family, preset), g in runs.groupby(["family", "preset"], sort=True):
         what = ("final = mean normalised score over the last 10% of in-context episodes on held-out tasks; "
                 "first = the first in-context episode; in-context impr. = final − first; episodes to plateau = "
-                "episodes until the 10-episode trailing mean reaches 90% of final (the source learner: its learning "
-                "episodes on the held-out task)"
+                "episodes until the 10-episode trailing mean reaches 90% of final, shown for a final above "
+                f"{PLATEAU_MIN_FINAL:g} (the source learner: its learning episodes on the held-out task)"
                 if family == "in-context" else
                 "final = normalised return at the last evaluation; AUC = normalised area under the learning curve; "
                 "critic FAU = fraction of active units of the critic at the end of training")

@@ -436,14 +436,16 @@ def improvement(values: np.ndarray, fraction: float = 0.1) -> np.ndarray | float
     return final_window_mean(values, fraction) - first(values)
 
 
-def episodes_to_plateau(values: np.ndarray, fraction: float = 0.1, level: float = 0.9, window: int = 10) -> float:
+def episodes_to_plateau(values: np.ndarray, fraction: float = 0.1, level: float = 0.9, window: int = 10,
+                        min_final: float = 0.0) -> float:
     """Episodes until the ``window``-episode trailing mean first reaches ``level`` x the final score.
 
     The final score is :func:`final_window_mean` (last ``fraction`` of the curve). The trailing mean at
     episode ``e`` averages episodes ``max(0, e - window + 1) .. e``; the answer counts episodes (1-based), so
     a curve at its plateau from the start gives 1. The window is fixed in episodes, not a fraction, so curves of
     different lengths (AD's 100 in-context episodes, the source's 1,000 learning episodes) are smoothed alike.
-    NaN when the final score is <= 0 (nothing to plateau at). ``values``: ``(n,)``, finite.
+    NaN when the final score is <= ``min_final`` (nothing to plateau at: on a normalised curve a final near 0 is the
+    random policy's level, and 90% of it is noise). ``values``: ``(n,)``, finite.
     """
     v = _as_curve(values)
     if v.ndim != 1:
@@ -451,7 +453,7 @@ def episodes_to_plateau(values: np.ndarray, fraction: float = 0.1, level: float 
     if window < 1 or not 0.0 < level <= 1.0:
         raise ScoringError(f"need window >= 1 and level in (0, 1], got window={window!r}, level={level!r}")
     final = float(final_window_mean(v, fraction))
-    if final <= 0:
+    if final <= min_final:
         return float("nan")
     csum = np.concatenate([[0.0], np.cumsum(v)])
     idx = np.arange(1, len(v) + 1)

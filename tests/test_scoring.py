@@ -353,6 +353,8 @@ def test_episodes_to_plateau():
     assert episodes_to_plateau(np.full(30, 50.0)) == 1.0  # at the plateau from the start
     assert episodes_to_plateau(curve, window=1) == 7.0  # 10 >= 9 first at episode 7
     assert np.isnan(episodes_to_plateau(np.zeros(10)))  # nothing to plateau at
+    noise = np.r_[np.full(20, -3.0), np.full(10, 1.0)]  # a random policy's normalised curve: final ~0
+    assert episodes_to_plateau(noise) == 30.0 and np.isnan(episodes_to_plateau(noise, min_final=5.0))
     slow, fast = np.minimum(np.arange(1000) / 3.0, 100.0), np.minimum(np.arange(100) * 10.0, 100.0)
     assert episodes_to_plateau(fast) < episodes_to_plateau(slow)
     with pytest.raises(ScoringError, match="one curve"):

@@ -129,8 +129,8 @@ class Config:
     """Start from the encoder of an augmented drqv2 run on the same task (see :func:`pretrained_encoder`)."""
 
     def validate(self) -> None:
-        positive = ("image_size", "feature_dim", "hidden_dim", "batch_size", "nstep", "buffer_size", "arr_interval_episodes", "lr",
-                    "replay_ratio", "arr_high_ratio", "discount", "tau")
+        positive = ("image_size", "feature_dim", "hidden_dim", "batch_size", "nstep", "buffer_size",
+                    "arr_interval_episodes", "lr", "replay_ratio", "arr_high_ratio", "discount", "tau")
         for name in positive + ("aug_pad", "seed_frames", "reset_interval_frames", "inject_at_frame"):
             value = getattr(self, name)
             if value < 0 or (name in positive and value <= 0) or (name in ("discount", "tau") and value > 1):
@@ -670,8 +670,8 @@ ENCODER_FORMAT = 1
 """Version of the pretrained-encoder artifact; part of its cache key."""
 # the hyper-parameters a pretraining run takes from the run it serves; every other field (the plasticity switches,
 # ARR, Reset, Injection, the frozen encoder itself) is drqv2's default, augmentation on
-_SHARED = ("aug_pad", "image_size", "feature_dim", "hidden_dim", "lr", "batch_size", "nstep", "discount", "tau", "seed_frames",
-           "std_schedule", "std_clip", "buffer_size", "replay_ratio")
+_SHARED = ("aug_pad", "image_size", "feature_dim", "hidden_dim", "lr", "batch_size", "nstep", "discount", "tau",
+           "seed_frames", "std_schedule", "std_clip", "buffer_size", "replay_ratio")
 
 
 def pretrain_config(cfg: Config) -> Config:

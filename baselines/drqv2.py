@@ -156,12 +156,12 @@ class Config:
 
 
 # Smoke: seconds (CI). Quick: the task's 40k-frame budget on one core of a 2-core CPU. An update's cost is the
-# encoder's convolutions, linear in the batch and the image area, plus the heads. CPU ms per update, one thread
-# (tests/bench_drqv2.py's update at each size, measured on this machine):
-#     84 px, hidden 1024, batch 32: 244    84 px, hidden 256, batch 32: 223    84 px, hidden 256, batch 64: 421
-#     64 px, hidden 1024, batch 32: 151    64 px, hidden 256, batch 32:  99    64 px, hidden 256, batch 64: 190
+# encoder's convolutions, linear in the batch and the image area, plus the heads. CPU ms per update, one thread,
+# measured here (`OMP_NUM_THREADS=1 pytest tests/bench_drqv2.py -k updates_per_second --benchmark-only -s`):
+#     84 px, hidden 1024, batch 32: 192    84 px, hidden 256, batch 32: 205    84 px, hidden 256, batch 64: 375
+#     64 px, hidden 1024, batch 32: 119    64 px, hidden 256, batch 32:  97    64 px, hidden 256, batch 64: 191
 # so quick renders 64 px (the range: 64 or 84), keeps 2 x 256 ReLU units per head and batch 32: ~9k updates
-# at replay ratio 0.5 cost ~15 CPU min instead of ~37 at 84 px / 1024. The exploration-noise schedule is rescaled
+# at replay ratio 0.5 cost ~15 CPU min instead of ~29 at 84 px / 1024 (2.0x). The exploration-noise schedule is rescaled
 # from 200k to 20k frames to end inside the budget. Ratio 2 is ~4x the updates.
 SMOKE: dict[str, Any] = {"hidden_dim": 32, "feature_dim": 16, "batch_size": 4, "seed_frames": 800,
                          "std_schedule": Linear(1.0, 0.1, 1000), "arr_interval_episodes": 1, "arr_threshold": 1.0}
@@ -527,12 +527,19 @@ class Trainer:
         torch.set_num_threads(ctx.torch_threads)
         self.ctx, self.cfg = ctx, cfg
         self.checkpoint_every = checkpoint_every or ctx.budget.eval_every or ctx.budget.train_steps
-        # the render size is the method's setting (a smaller image is a quick-preset budget); a task without one
-        # (it renders at a fixed size) is made as registered
+        # the render size is the method's setting (a smaller image is a quick-preset budget); a task without a
+        # `size` setting renders at its own size, which must then be the configured one (else the run's recorded
+        # deviations would name a size it never saw)
         size = {"size": cfg.image_size} if "size" in ctx.task.kwargs else {}
         self.env, self.eval_env = ctx.task.make(**size), ctx.task.make(**size)
         self.repeat = int(ctx.task.kwargs.get("action_repeat", 2))
         obs_shape = self.env.observation_space.shape
+        if tuple(obs_shape[-2:]) != (cfg.image_size, cfg.image_size):
+            self.env.close()
+            self.eval_env.close()
+            raise ValueError(f"{ctx.task.id} renders {obs_shape[-2]}x{obs_shape[-1]} observations and has no `size` "
+                             f"setting, but image_size is {cfg.image_size}: set image_size={obs_shape[-1]} "
+                             f"(--set image_size={obs_shape[-1]}) for this task")
         action_dim = int(self.env.action_space.shape[0])
         self.agent = DrQV2Agent(obs_shape, action_dim, cfg, ctx.device, total_frames=ctx.budget.train_steps)
         if encoder_state is not None:  # a pretrained encoder (a resumed run then loads the same one, checkpointed)

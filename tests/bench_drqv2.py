@@ -5,7 +5,8 @@ torch thread (``OMP_NUM_THREADS=1``), as a worker of a 2-core sweep runs. Report
 limits:
 
 * updates/s at the quick and paper sizes and their ratio (one update = encoder on obs and next obs, critic,
-  actor and target on one batch);
+  actor and target on one batch), and the grid of image size x hidden width x batch that chose the quick preset
+  (the table beside ``QUICK`` in ``baselines/drqv2.py``);
 * frames/s of the whole training loop (render, act, update at replay ratio 0.5; evaluation excluded) at the quick
   size, measured, and at the paper size, from the measured parts;
 * what one step costs, by part (env step with rendering, act, sample, update), and the estimated cost of one quick
@@ -42,7 +43,8 @@ PAPER = Config()
 
 @functools.cache
 def _filled_replay(size: int = 84, slots: int = 1500) -> FrameReplay:
-    """A replay of random ``size`` x ``size`` frames (sampling never changes it, so one is shared per size)."""
+    """A replay of random ``size`` x ``size`` frames, built once per size (sampling reads its frames, never writes
+    them)."""
     rng = np.random.default_rng(0)
     rb = FrameReplay(slots + 10, (3, size, size), 1, 3, 3, 0.99, np.random.default_rng(0))
     while rb.n_written < slots - 501:
@@ -79,19 +81,22 @@ def test_updates_per_second_quick_vs_paper(benchmark, capsys: pytest.CaptureFixt
     benchmark.pedantic(lambda: agent.update(rb.sample(QUICK.batch_size), 10**6), rounds=4, warmup_rounds=1)
     quick_s = _update_seconds(QUICK, rounds=6)
     paper_s = _update_seconds(PAPER, rounds=2)
-    # the quick batch at the paper's image and width: what the smaller image and heads save
-    wide_s = _update_seconds(dataclasses.replace(QUICK, hidden_dim=PAPER.hidden_dim, image_size=PAPER.image_size),
-                             rounds=4)
+    # the grid that chose the quick preset: what image size, head width and batch each cost
+    grid = {(size, hidden, batch): _update_seconds(dataclasses.replace(QUICK, image_size=size, hidden_dim=hidden,
+                                                                       batch_size=batch), rounds=4)
+            for size in (84, 64) for hidden, batch in ((1024, 32), (256, 32), (256, 64))}
     sample_s = _best(lambda: rb.sample(QUICK.batch_size), rounds=20)
     info = {"quick_updates_per_s": 1 / quick_s, "paper_updates_per_s": 1 / paper_s,
-            "paper_over_quick": paper_s / quick_s, "84px_1024_over_quick": wide_s / quick_s, "sample_s": sample_s}
+            "paper_over_quick": paper_s / quick_s, "sample_s": sample_s,
+            **{f"update_ms_{s}px_h{h}_b{b}": t * 1e3 for (s, h, b), t in grid.items()}}
     benchmark.extra_info.update(info)
     with capsys.disabled():
         print(f"\nupdate: quick ({QUICK.image_size} px, hidden {QUICK.hidden_dim}, batch {QUICK.batch_size}) "
-              f"{quick_s * 1e3:.0f} ms = {1 / quick_s:.1f}/s; paper (84 px, hidden 1024, batch 256) {paper_s:.2f} s = "
-              f"{paper_s / quick_s:.1f}x; 84 px and hidden 1024 at batch {QUICK.batch_size}: {wide_s / quick_s:.2f}x "
-              f"of quick; "
+              f"{quick_s * 1e3:.0f} ms = {1 / quick_s:.1f}/s; paper ({PAPER.image_size} px, hidden {PAPER.hidden_dim}, "
+              f"batch {PAPER.batch_size}) {paper_s:.2f} s = {paper_s / quick_s:.1f}x; "
               f"sampling a quick batch {sample_s * 1e3:.1f} ms")
+        for (size, hidden, batch), t in grid.items():
+            print(f"  {size} px, hidden {hidden}, batch {batch}: {t * 1e3:.0f} ms = {t / quick_s:.2f}x of quick")
 
 
 def test_training_loop_frames_per_second(benchmark, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -440,6 +440,12 @@ def test_image_size_sets_the_rendered_observation(tmp_path):
         trainer.env.close()
         trainer.eval_env.close()
     assert "image_size" in drqv2._SHARED  # a pretrained encoder is built at the size of the run it serves
+    # a task with no `size` setting renders its own size: another image_size is refused, not silently ignored
+    ctx = _ctx(tmp_path / "ckpt2", tmp_path / "cache", cfg)
+    fixed = {k: v for k, v in ctx.task.kwargs.items() if k != "size"}
+    ctx = dataclasses.replace(ctx, task=dataclasses.replace(ctx.task, kwargs=fixed))
+    with pytest.raises(ValueError, match="renders 84x84 observations and has no `size` setting"):
+        Trainer(ctx, cfg)
     with pytest.raises(ValueError, match="image_size"):
         dataclasses.replace(SMALL, image_size=0).validate()
 

@@ -26,8 +26,9 @@ takes no environment step while training).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -592,18 +593,23 @@ def load_histories(ctx: RunContext, expert: bool) -> Any:
     return histories.expert_histories(ctx) if expert else histories.learning_histories(ctx)
 
 
-def train(ctx: RunContext, model: ADTransformer, sampler: WindowSampler, cfg: Config) -> None:
+def train(ctx: RunContext, model: ADTransformer, sampler: WindowSampler, cfg: Config) -> list[list[Any]]:
     """``cfg.train_steps`` gradient steps; rows ``losses/...`` every ``log_every`` steps (mean over the interval)
-    at ``axis="env_step"`` = gradient steps. Resumes from the last checkpoint in ``ctx.checkpoint_dir``."""
+    at ``axis="env_step"`` = gradient steps. Resumes from the last checkpoint in ``ctx.checkpoint_dir``.
+
+    Returns every row logged, ``[step, metrics]``, those before a resume included (they are checkpointed), so
+    :func:`shared_training` can store them beside the trained model."""
     opt, sched = make_optimizer(model, cfg)
     path = Path(ctx.checkpoint_dir) / "ad.pt"
     step = 0
+    rows: list[list[Any]] = []
     if path.is_file():
         state = torch.load(path, map_location=ctx.device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
+        rows = list(state.get("rows", []))
     sums: dict[str, float] = {}
     seen = 0
     fau = FAUMonitor()
@@ -618,15 +624,71 @@ def train(ctx: RunContext, model: ADTransformer, sampler: WindowSampler, cfg: Co
             sums[key] = sums.get(key, 0.0) + value
         seen += 1
         if step % cfg.log_every == 0 or step == cfg.train_steps:
-            ctx.log(step, {**{k: v / seen for k, v in sums.items()}, **fau.take_all()}, axis="env_step")
+            row = {**{k: v / seen for k, v in sums.items()}, **fau.take_all()}
+            ctx.log(step, row, axis="env_step")
+            rows.append([step, {k: float(v) for k, v in row.items()}])
             sums, seen = {}, 0
         if step % cfg.checkpoint_every == 0 and step < cfg.train_steps:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step}, tmp)
+                        "step": step, "rows": rows}, tmp)
             tmp.replace(path)
         ctx.progress(0.9 * step / max(1, cfg.train_steps), f"train step {step}/{cfg.train_steps}")
+    return rows
+
+
+MODEL_FORMAT = 1
+"""Version of the shared trained-model artifact; part of its key (bump it when training changes)."""
+EVAL_ONLY_FIELDS = ("kv_cache", "slide_keep", "sample_actions", "prompt_episodes", "prompt_epsilon")
+"""Config fields that act at evaluation only: runs differing only in these share one trained model."""
+
+
+def shared_training(ctx: RunContext, name: str, model: ADTransformer, histories: Any, sampler: WindowSampler,
+                    cfg: Config) -> bool:
+    """Train ``model`` once per (method, training config, seed, training data) in the artifact cache.
+
+    The AD paper evaluates one trained model on held-out tasks in and out of the training distribution (Fig. 3):
+    two registered tasks with the same train split (``AdversarialBandit-v0`` / ``AdversarialBanditID-v0``)
+    give byte-identical datasets, so their runs of one seed train the same model. The key holds everything
+    training reads: the dataset's content (:func:`baselines.histories.fingerprint`, not the task id), the
+    architecture, every config field but :data:`EVAL_ONLY_FIELDS`, the seed (which seeds the initial weights and
+    the batches) and the method name (a plugin subclass never shares another method's model). The run that
+    trains logs its rows as it goes; a run that finds the model replays the stored rows, so both logs match.
+    Returns True when the model came from the cache.
+    """
+    from baselines.histories import fingerprint
+
+    config = {k: v for k, v in asdict(cfg).items() if k not in EVAL_ONLY_FIELDS}
+    key = {"format": MODEL_FORMAT, "method": name, "seed": ctx.seed, "config": config,
+           "data": fingerprint(histories), "architecture": repr(model), "context_len": model.context_len,
+           "torch": torch.__version__.split("+")[0]}
+    trained = False
+
+    def build(out: Path) -> None:
+        nonlocal trained
+        rows = train(ctx, model, sampler, cfg)
+        torch.save(model.state_dict(), out / "model.pt")
+        (out / "log.json").write_text(json.dumps(rows))
+        trained = True
+
+    def valid(path: Path) -> bool:
+        try:
+            torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            json.loads((path / "log.json").read_text())
+        except Exception:  # truncated or corrupt: rebuilt by the cache
+            return False
+        return True
+
+    ctx.progress(0.0, "training (or waiting for an identical run's training)")
+    path = ctx.cache.get_or_build(f"model-{name}", key, build, validate=valid)  # no task id: see above
+    if trained:
+        return False
+    model.load_state_dict(torch.load(path / "model.pt", map_location=ctx.device, weights_only=True))
+    for step, row in json.loads((path / "log.json").read_text()):
+        ctx.log(int(step), row, axis="env_step")
+    ctx.progress(0.9, f"trained model from the artifact cache ({path.name})")
+    return True
 
 
 class AlgorithmDistillation:
@@ -654,7 +716,7 @@ class AlgorithmDistillation:
         histories = load_histories(ctx, self.expert_data)
         gap = round(cfg.history_gap * np.shape(histories.dones)[1])
         sampler = WindowSampler(histories, model.context_len, model.num_actions, gap)
-        train(ctx, model, sampler, cfg)
+        shared_training(ctx, self.name, model, histories, sampler, cfg)
         core = load_target(spec.batched_core)(spec, eval_tasks(ctx))
         returns, prompt_returns = evaluate_in_context(
             model, core, ctx.budget.eval_episodes, cfg, ctx.rng,

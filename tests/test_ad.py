@@ -189,9 +189,10 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path) -> None:
                          device="cpu", log=RunLogger(), checkpoint_dir=ckpt_dir, cache=ArtifactCache(tmp_path),
                          rng=np.random.default_rng(3))
         ctx.progress = progress  # unthrottled (RunContext.progress is rate-limited), to stop at an exact step
-        ad.train(ctx, model, sampler, cfg)
+        returned.append(ad.train(ctx, model, sampler, cfg))
         return model, ctx.log.rows
 
+    returned: list = []
     straight, rows = run(tmp_path / "a")
     assert [r["step"] for r in rows if r["key"] == "losses/action_ce"] == [2, 4, 6, 8, 10]
     with pytest.raises(KeyboardInterrupt):
@@ -199,6 +200,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path) -> None:
     resumed, rows = run(tmp_path / "b")
     assert [r["step"] for r in rows if r["key"] == "losses/action_ce"] == [6, 8, 10]
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    # train() returns every row, those before the resume from the checkpoint (what shared_training stores)
+    assert [step for step, _ in returned[-1]] == [step for step, _ in returned[0]] == [2, 4, 6, 8, 10]
 
 
 def test_context_shorter_than_an_episode_is_refused() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import gymnasium as gym
 import numpy as np
@@ -257,3 +258,38 @@ def test_smoke_run_of_the_in_context_methods(tmp_path, cache_dir) -> None:
         curve = store.read(run_id).curve
         rows = curve[(curve["key"] == "eval/return") & (curve["axis"] == "episode")]
         assert len(rows) == 4 and np.isfinite(rows["value"]).all(), run_id
+
+
+def _loss_rows(store: ResultsStore, run_id: str):
+    curve = store.read(run_id).curve
+    rows = curve[curve["key"].str.startswith(("losses/", "fau/"))]
+    return rows.sort_values(["step", "key"])[["step", "key", "value"]].reset_index(drop=True)
+
+
+def test_in_and_out_of_distribution_runs_share_one_trained_model(tmp_path) -> None:
+    """AD paper Fig. 3 evaluates one trained model in and out of distribution: the two bandit ids have the same
+    train split, so each seed trains once (the second run replays the stored training rows); a new seed, ED's
+    other data, or a corrupt stored model each train their own."""
+    res, cache = tmp_path / "results", tmp_path / "cache"
+    args = ["--preset", "smoke", "--results-dir", str(res), "--cache-dir", str(cache)]
+    assert main(["run", "--methods", "ad", "--tasks", f"{OOD},{ID}", "--seeds", "1", *args]) == 0
+    models = sorted((cache / "artifacts").glob("model-ad-*[!k]"))
+    assert len(models) == 1, models
+    store = ResultsStore(res)
+    by_task = {store.read_meta(i)["task"]: i for i in store.run_ids()}
+    first, second = _loss_rows(store, by_task[OOD]), _loss_rows(store, by_task[ID])
+    assert len(first) > 0
+    assert first.equals(second)  # the same training rows in both logs
+    stamp = (models[0] / "model.pt").stat().st_mtime_ns
+
+    assert main(["run", "--methods", "ad,ed", "--tasks", ID, "--seeds", "2", *args]) == 0
+    assert (models[0] / "model.pt").stat().st_mtime_ns == stamp  # seed 0 of ad was stored: not retrained
+    assert len(list((cache / "artifacts").glob("model-ad-*[!k]"))) == 2  # seed 1
+    assert len(list((cache / "artifacts").glob("model-ed-*[!k]"))) == 2
+
+    (models[0] / "model.pt").write_bytes(b"truncated")
+    shutil.rmtree(res)
+    assert main(["run", "--methods", "ad", "--tasks", OOD, "--seeds", "1", *args]) == 0
+    assert (models[0] / "model.pt").stat().st_size > 100  # detected and retrained, never loaded
+    meta = ResultsStore(res).read_meta(ResultsStore(res).run_ids()[0])
+    assert meta["status"] == "ok"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import sys
 import threading
@@ -86,9 +87,25 @@ class Progress:
 _QUEUE: mp.Queue | None = None
 
 
-def _init_worker(q: mp.Queue) -> None:
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit this worker once its driver is gone (polled every ``every`` s, a daemon thread).
+
+    A driver killed by SIGKILL or SIGTERM cannot stop its pool, and an orphaned worker would go on training a run
+    nobody collects, holding a core and the run's artifact lock, while a resumed sweep starts the same run again.
+    The worker's last checkpoint stays, so the resumed run continues from it."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(q: mp.Queue | None, parent: int | None = None) -> None:
     global _QUEUE
     _QUEUE = q
+    if parent is not None:
+        _exit_with_parent(parent)
 
 
 def _worker_progress(run_id: str, fraction: float, message: str) -> None:
@@ -120,7 +137,8 @@ class LocalExecutor:
         if self.workers == 1:
             errors = [execute_prepare(c, cache_root, self.threads, self.device) for c in groups]
         else:
-            with ProcessPoolExecutor(min(self.workers, len(groups)), mp_context=mp.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(min(self.workers, len(groups)), mp_context=mp.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(None, os.getpid())) as pool:
                 errors = list(pool.map(execute_prepare, groups, [cache_root] * len(groups),
                                        [self.threads] * len(groups), [self.device] * len(groups)))
         for cell, err in zip(groups, errors):
@@ -164,7 +182,12 @@ class LocalExecutor:
         reader.start()
         results: list[CellResult] = []
         pending = list(cells)
-        pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(q,))
+
+        def new_pool() -> ProcessPoolExecutor:  # its workers exit with this process (see _exit_with_parent)
+            return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(q, os.getpid()))
+
+        pool = new_pool()
         inflight: dict[Future, Cell] = {}
         try:
             while pending or inflight:
@@ -194,7 +217,7 @@ class LocalExecutor:
                         results.append(r)
                     inflight.clear()
                     pool.shutdown(wait=False, cancel_futures=True)
-                    pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(q,))
+                    pool = new_pool()
         except BaseException:
             # Ctrl-C: stop the workers now; their half-written .tmp dirs are cleaned on the next run
             for proc in list(getattr(pool, "_processes", {}).values()):

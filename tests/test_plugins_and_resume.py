@@ -103,6 +103,50 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, cache_dir):
     assert not list((res / "runs").glob(".tmp-*"))
 
 
+def _children(pid: int) -> set[int]:
+    """Live child pids of ``pid`` (Linux /proc)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited (an orphan's reaper may be slow)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads process trees from Linux /proc")
+def test_workers_exit_when_the_driver_is_killed(tmp_path, cache_dir):
+    """SIGKILL of `bench run --workers 2` mid-run: its workers stop within seconds instead of training runs that
+    nobody will collect (and that a resumed sweep starts again beside them)."""
+    res = tmp_path / "results"
+    args = ["run", "--methods", "random", "--tasks", "DarkKeyToDoor-v0", "--preset", "quick", "--seeds", "6",
+            "--workers", "2", "--results-dir", str(res)]
+    env = {**os.environ, "ADAPT_BENCH_CACHE": str(cache_dir)}
+    bench_cli("list", "tasks", env={"ADAPT_BENCH_CACHE": str(cache_dir)}, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = ResultsStore(res)
+    deadline = time.time() + 300
+    while time.time() < deadline and not store.run_ids():
+        time.sleep(0.05)
+    workers = {c for c in _children(proc.pid) if _alive(c)}
+    assert store.run_ids() and len(workers) >= 2, "no run finished in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # never leave them running after the test
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their driver"
+
+
 def test_process_pool_workers(tmp_path, cache_dir):
     res = tmp_path / "results"
     proc = bench_cli("run", "--methods", "random,oracle", "--tasks", "DarkRoom-v0", "--seeds", "2",

@@ -173,6 +173,83 @@ def arr_switch_table(runs: pd.DataFrame) -> pd.DataFrame:
         "Deviations from paper": r["deviations"].replace("", "–")})
 
 
+@dataclass
+class Experiment:
+    """One named block of an ablation suite (``[[<suite>.parts]]`` with ``name``/``title`` in suites.toml)."""
+
+    suite: str
+    name: str
+    title: str
+    methods: list[str]
+    tasks: list[str]
+    own: list[str] = field(default_factory=list)
+    """Its methods that no other experiment lists (the others are shared references such as random, drqv2)."""
+
+    @property
+    def tag(self) -> str:
+        return f"{self.suite}-{self.name}"
+
+
+def experiments() -> list[Experiment]:
+    """The experiments of every suite of several blocks, their method and task names expanded. A block naming a
+    method that is not installed keeps its other methods (a leaderboard never fails on a missing plugin)."""
+    from bench.runner import expand_methods, expand_tasks, suites
+
+    out = []
+    for suite in suites().values():
+        if len(suite.parts) <= 1:
+            continue
+        for (methods, tasks), (name, title) in zip(suite.parts, suite.experiments):
+            names = []
+            for m in methods:
+                try:
+                    names += expand_methods([m])
+                except Exception:  # an uninstalled plugin's method: nothing of it can be in the results
+                    continue
+            out.append(Experiment(suite.name, name, title, names, expand_tasks(list(tasks))))
+    for exp in out:
+        others = {m for e in out if e is not exp for m in e.methods}
+        exp.own = [m for m in exp.methods if m not in others]
+    return out
+
+
+def experiment_runs(runs: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
+    """The runs of ``exp`` in each preset where at least one of its own methods ran (references alone, such as
+    random or drqv2 from a headline suite, do not make an experiment)."""
+    if runs.empty:
+        return runs
+    r = runs[runs["method"].isin(exp.methods) & runs["task"].isin(exp.tasks)]
+    presets = set(r[r["method"].isin(exp.own)]["preset"])
+    return r[r["preset"].isin(presets)]
+
+
+def experiment_table(runs: pd.DataFrame, exp: Experiment, seed: int, reps: int) -> pd.DataFrame:
+    """Methods in the experiment's order; per task the final normalised score (mean and 95% CI over seeds) with
+    the raw return, the in-context first episode or the critic's final FAU, and the seeds."""
+    rows = []
+    for m in [m for m in exp.methods if m in set(runs["method"])]:
+        for t in [t for t in exp.tasks if t in set(runs["task"])]:
+            g = runs[(runs["method"] == m) & (runs["task"] == t)]
+            if g.empty:
+                continue
+
+            def ci(col: str, digits: int = 1, g: pd.DataFrame = g) -> str:
+                vals = g[col].dropna().to_numpy(dtype=float)
+                if not len(vals):
+                    return "–"
+                iv = scoring.stratified_bootstrap_ci({"x": vals[:, None]}, scoring.mean, reps, 0.95, seed)["x"]
+                return _fmt(iv, digits)
+
+            row = {"method": m, "task": t, "final": ci("final"), "raw final": f"{g['raw_final'].mean():.4g}"}
+            if g["family"].iloc[0] == "in-context":
+                row.update({"first episode": ci("first"), "in-context impr.": ci("improvement")})
+            else:
+                row["critic FAU (end)"] = ci("fau_critic", 3)
+            row["seeds"] = ", ".join(str(s) for s in sorted(g["seed"]))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _md(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -212,6 +289,12 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
                "ARR starts at the low replay ratio and switches once to the high one when the critic's FAU changed by "
                "at most the threshold between two checks; the check interval (paper: every 50 episodes) is in the "
                "deviations column where a preset rescaled it.", "", _md(switches), ""]
+    if not runs.empty:
+        for exp in experiments():
+            for preset, g in experiment_runs(runs, exp).groupby("preset", sort=True):
+                md += [f"## Experiment `{exp.tag}` — preset `{preset}`", "", f"{exp.title}. "
+                       "final: normalised score (mean, 95% CI over seeds) as in the tables above; plot: "
+                       f"`plots/{exp.tag}-{preset}-curves.png`.", "", _md(experiment_table(g, exp, seed, reps)), ""]
     if messages:
         md += ["## Not included", ""] + [f"- {m}" for m in messages] + [""]
     report.markdown_path.write_text("\n".join(md))

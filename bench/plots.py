@@ -174,6 +174,22 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
                 for key in sorted(k for k in e["key"].unique() if k.startswith("fau/")):
                     fig = metric_curves(e, key, preset, "fraction of active units")
                     save(fig, f"{tag}-{key.replace('/', '-')}.png")
+        from bench.leaderboard import experiment_runs, experiments
+
+        for exp in experiments():  # one figure per ablation experiment (suites.toml blocks)
+            for preset, r in experiment_runs(runs, exp).groupby("preset", sort=True):
+                c = curves[(curves["preset"] == preset) & curves["method"].isin(exp.methods)
+                           & curves["task"].isin(exp.tasks)]
+                in_context = r["family"].iloc[0] == "in-context"
+                fig = (in_context_curves if in_context else control_curves)(c, preset)
+                fig.suptitle(f"{exp.title} — preset `{preset}`", fontsize=10)
+                save(fig, f"{exp.tag}-{preset}-curves.png")
+                e = extras[(extras["preset"] == preset) & extras["method"].isin(exp.methods)
+                           & extras["task"].isin(exp.tasks)] if not extras.empty else extras
+                if not in_context and not e.empty and (e["key"] == "fau/critic").any():
+                    fig = metric_curves(e, "fau/critic", preset, "critic fraction of active units")
+                    fig.suptitle(f"Critic FAU: {exp.title} — preset `{preset}`", fontsize=10)
+                    save(fig, f"{exp.tag}-{preset}-fau-critic.png")
     overview = fau_overview(extras)
     if overview is not None:
         save(overview, "fau-all-methods.png")

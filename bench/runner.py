@@ -44,6 +44,8 @@ class Suite:
     parts: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
     """``(methods, tasks)`` blocks whose cross products make the suite (one block = ``(methods, tasks)``); an
     ablation suite pairs each experiment's methods with its own tasks this way."""
+    experiments: tuple[tuple[str, str], ...] = ()
+    """``(name, title)`` of each block, in ``parts`` order (``name`` defaults to ``part<k>``, ``title`` to it)."""
 
 
 @cache
@@ -54,9 +56,11 @@ def suites() -> dict[str, Suite]:
         parts = tuple((tuple(p["methods"]), tuple(p["tasks"])) for p in s.get("parts", []))
         if not parts:
             parts = ((tuple(s["methods"]), tuple(s["tasks"])),)
+        experiments = tuple((p.get("name", f"part{k}"), p.get("title", p.get("name", f"part{k}")))
+                            for k, p in enumerate(s.get("parts", [])))
         methods = tuple(dict.fromkeys(m for ms, _ in parts for m in ms))
         tasks = tuple(dict.fromkeys(t for _, ts in parts for t in ts))
-        out[name] = Suite(name, s["description"], s["preset"], methods, tasks, int(s["seeds"]), parts)
+        out[name] = Suite(name, s["description"], s["preset"], methods, tasks, int(s["seeds"]), parts, experiments)
     return out
 
 

@@ -388,6 +388,33 @@ def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     assert "ad-ctx2/DarkRoom-v0/seed0" in capsys.readouterr().out
 
 
+def test_ablation_experiments_get_a_leaderboard_section_and_plot(tmp_path, cache_dir):
+    """Each named block of an ablation suite is an experiment: the leaderboard gives it a table and a curves plot
+    once one of its own methods ran; shared references alone (random, oracle) make no experiment section."""
+    from bench.leaderboard import build_leaderboard, experiments
+    from bench.runner import get_suite
+
+    plasticity = get_suite("plasticity-ablations")
+    assert [n for n, _ in plasticity.experiments] == ["fixes", "stages", "frozen"]
+    by_tag = {e.tag: e for e in experiments()}
+    assert by_tag["icrl-ablations-context-length"].own == ["ad-ctx0.5", "ad-ctx1", "ad-ctx2", "ad-ctx4"]
+    assert by_tag["plasticity-ablations-frozen"].own == ["drqv2-frozen", "drqv2-noaug-frozen"]
+    res = tmp_path / "results"
+    common = ["--preset", "smoke", "--seeds", "1", "--results-dir", str(res), "--cache-dir", str(cache_dir)]
+    assert main(["run", "--methods", "random,oracle", "--tasks", "DarkRoom-v0", *common]) == 0
+    build_leaderboard(res, reps=50)
+    assert "icrl-ablations-context-length" not in (res / "leaderboard.md").read_text()
+    assert main(["run", "--suite", "icrl-ablations", "--methods", "ad-ctx1", "--tasks", "DarkRoom-v0", *common]) == 0
+    report = build_leaderboard(res, reps=50)
+    board = (res / "leaderboard.md").read_text()
+    section = board.split("## Experiment `icrl-ablations-context-length` — preset `smoke`")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in section.splitlines() if line.startswith("| ")]
+    assert rows == ["method", "ad-ctx1", "random", "oracle"], rows  # the suite's order
+    assert "icrl-ablations-bandit" not in board
+    plot = res / "plots" / "icrl-ablations-context-length-smoke-curves.png"
+    assert plot in report.plot_paths and plot.stat().st_size > 1000
+
+
 def test_histories_command_plots_and_refuses_control_tasks(tmp_path, capsys):
     common = ["--preset", "smoke", "--cache-dir", str(tmp_path / "c"), "--results-dir", str(tmp_path / "r")]
     assert main(["histories", "--tasks", "DarkRoom-v0", *common]) == 0

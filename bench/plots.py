@@ -31,7 +31,8 @@ def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
     tasks = sorted(curves["task"].unique())
     cols = min(4, len(tasks))
     rows = int(np.ceil(len(tasks) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    # at least 8 in wide: one task's panel must still fit an experiment's long title and its legend
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 8.0), 3.4 * rows + 0.4), squeeze=False)
     methods = sorted(curves["method"].unique())
     palette = method_palette(methods)
     for ax, task in zip(axes.flat, tasks):
@@ -46,9 +47,9 @@ def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=palette[m], label=m) for m in methods]
-    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(methods)), frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=min(4 if cols == 1 else 6, len(methods)), frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 if len(methods) <= (4 if cols == 1 else 6) else 0.13, 1, 1))
     return fig
 
 

@@ -645,7 +645,7 @@ EVAL_ONLY_FIELDS = ("kv_cache", "slide_keep", "sample_actions", "prompt_episodes
 
 
 def shared_training(ctx: RunContext, name: str, model: ADTransformer, histories: Any, sampler: WindowSampler,
-                    cfg: Config) -> bool:
+                    cfg: Config) -> None:
     """Train ``model`` once per (method, training config, seed, training data) in the artifact cache.
 
     The AD paper evaluates one trained model on held-out tasks in and out of the training distribution (Fig. 3):
@@ -655,7 +655,6 @@ def shared_training(ctx: RunContext, name: str, model: ADTransformer, histories:
     architecture, every config field but :data:`EVAL_ONLY_FIELDS`, the seed (which seeds the initial weights and
     the batches) and the method name (a plugin subclass never shares another method's model). The run that
     trains logs its rows as it goes; a run that finds the model replays the stored rows, so both logs match.
-    Returns True when the model came from the cache.
     """
     from baselines.histories import fingerprint
 
@@ -682,13 +681,12 @@ def shared_training(ctx: RunContext, name: str, model: ADTransformer, histories:
 
     ctx.progress(0.0, "training (or waiting for an identical run's training)")
     path = ctx.cache.get_or_build(f"model-{name}", key, build, validate=valid)  # no task id: see above
-    if trained:
-        return False
+    if trained:  # this run trained it: its rows are logged already
+        return
     model.load_state_dict(torch.load(path / "model.pt", map_location=ctx.device, weights_only=True))
     for step, row in json.loads((path / "log.json").read_text()):
         ctx.log(int(step), row, axis="env_step")
     ctx.progress(0.9, f"trained model from the artifact cache ({path.name})")
-    return True
 
 
 class AlgorithmDistillation:

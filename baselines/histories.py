@@ -169,11 +169,11 @@ def load_histories(path: Path, tasks: Sequence[Any]) -> Histories:
     )
 
 
-def fingerprint(histories: Histories, chunk: int = 1 << 24) -> str:
+def fingerprint(histories: Histories) -> str:
     """SHA-256 of a dataset's content: its stored arrays (as stored, before any lookup table), observation table,
     episode length, kind and subsampling. Two datasets with this fingerprint train the same model, whatever task
-    id they were built for (:func:`baselines.ad.shared_training`). Reads the arrays once, ``chunk`` bytes at a
-    time (a Key-to-Door dataset, ~80 MB, in well under a second)."""
+    id they were built for (:func:`baselines.ad.shared_training`). Reads each array once (the quick Key-to-Door
+    dataset: 0.25 s here)."""
     import hashlib
 
     # getattr: a duck-typed dataset with plain arrays (tests' synthetic histories) hashes the same way
@@ -189,9 +189,7 @@ def fingerprint(histories: Histories, chunk: int = 1 << 24) -> str:
         if arr.dtype.hasobject:  # never in a stored dataset; a hand-built one may hold Python objects
             h.update(json.dumps(arr.tolist(), default=repr).encode())
             continue
-        flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)  # no copy when already contiguous
-        for start in range(0, flat.size, chunk):
-            h.update(flat[start:start + chunk])
+        h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # no copy when already contiguous
     return h.hexdigest()
 
 

@@ -107,6 +107,12 @@ def score_matrices(runs: pd.DataFrame, methods: list[str] | None = None) -> dict
     return {m: score_matrix(runs[runs["method"] == m])[0] for m in names}
 
 
+def _mean_ci(vals: np.ndarray, seed: int, reps: int) -> scoring.Interval:
+    """Mean of one method's per-seed values with its stratified-bootstrap 95% interval."""
+    return scoring.stratified_bootstrap_ci({"x": np.asarray(vals, float)[:, None]}, scoring.mean, reps, 0.95,
+                                           seed)["x"]
+
+
 def _fmt(iv: scoring.Interval | None, digits: int = 1) -> str:
     if iv is None:
         return "–"
@@ -136,7 +142,7 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
                      "auc": "AUC", "fau_critic": "Critic FAU"}[metric]
             line[label] = "–"  # the column keeps its place where no run has the metric
             if len(vals):
-                iv = scoring.stratified_bootstrap_ci({m: vals[:, None]}, scoring.mean, reps, 0.95, seed)[m]
+                iv = _mean_ci(vals, seed, reps)
                 line[label] = _fmt(iv, 3 if metric == "fau_critic" else 1)
                 csv.append({"method": m, "task": "aggregate/Mean", "metric": metric, "value": iv.point,
                             "ci_low": iv.low, "ci_high": iv.high, "seeds": len(vals)})
@@ -145,7 +151,7 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
             if not len(vals):
                 line[t] = "–"
                 continue
-            iv = scoring.stratified_bootstrap_ci({m: vals[:, None]}, scoring.mean, reps, 0.95, seed)[m]
+            iv = _mean_ci(vals, seed, reps)
             line[t] = _fmt(iv)
             raw = g[g["task"] == t]["raw_final"].mean()
             csv.append({"method": m, "task": t, "metric": "final", "value": iv.point, "ci_low": iv.low,
@@ -193,6 +199,7 @@ class Experiment:
 def experiments() -> list[Experiment]:
     """The experiments of every suite of several blocks, their method and task names expanded. A block naming a
     method that is not installed keeps its other methods (a leaderboard never fails on a missing plugin)."""
+    from bench.registry import UnknownNameError
     from bench.runner import expand_methods, expand_tasks, suites
 
     out = []
@@ -204,7 +211,7 @@ def experiments() -> list[Experiment]:
             for m in methods:
                 try:
                     names += expand_methods([m])
-                except Exception:  # an uninstalled plugin's method: nothing of it can be in the results
+                except UnknownNameError:  # an uninstalled plugin's method: nothing of it can be in the results
                     continue
             out.append(Experiment(suite.name, name, title, names, expand_tasks(list(tasks))))
     for exp in out:
@@ -235,10 +242,7 @@ def experiment_table(runs: pd.DataFrame, exp: Experiment, seed: int, reps: int) 
 
             def ci(col: str, digits: int = 1, g: pd.DataFrame = g) -> str:
                 vals = g[col].dropna().to_numpy(dtype=float)
-                if not len(vals):
-                    return "–"
-                iv = scoring.stratified_bootstrap_ci({"x": vals[:, None]}, scoring.mean, reps, 0.95, seed)["x"]
-                return _fmt(iv, digits)
+                return _fmt(_mean_ci(vals, seed, reps), digits) if len(vals) else "–"
 
             row = {"method": m, "task": t, "final": ci("final"), "raw final": f"{g['raw_final'].mean():.4g}"}
             if g["family"].iloc[0] == "in-context":

@@ -47,9 +47,10 @@ def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=palette[m], label=m) for m in methods]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4 if cols == 1 else 6, len(methods)), frameon=False)
+    per_row = 4 if cols == 1 else 6
+    fig.legend(handles=handles, loc="lower center", ncol=min(per_row, len(methods)), frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07 if len(methods) <= (4 if cols == 1 else 6) else 0.13, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 if len(methods) <= per_row else 0.13, 1, 1))  # room for 1 or 2 legend rows
     return fig
 
 

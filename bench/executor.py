@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -45,9 +47,9 @@ class Progress:
     _last_print: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def started(self, cell: Cell) -> None:
+    def started(self, cell: Cell, label: str | None = None) -> None:
         with self._lock:
-            self.running[cell.run_id] = (cell.label, 0.0, "")
+            self.running[cell.run_id] = (label or cell.label, 0.0, "")
 
     def update(self, run_id: str, fraction: float, message: str) -> None:
         with self._lock:
@@ -117,6 +119,32 @@ def _worker_execute(cell: Cell, results_root: str, cache_root: str, threads: int
     return execute_cell(cell, results_root, cache_root, threads, device, progress=_worker_progress)
 
 
+def _worker_prepare(cell: Cell, cache_root: str, threads: int, device: str) -> str | None:
+    return execute_prepare(cell, cache_root, threads, device, progress=_worker_progress)
+
+
+@contextlib.contextmanager
+def _drained(q: mp.Queue, progress: Progress) -> Iterator[None]:
+    """While the block runs, a thread moves the workers' progress reports from ``q`` into ``progress``."""
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                progress.update(*q.get(timeout=0.2))
+            except queue.Empty:
+                pass
+            except (EOFError, OSError):
+                return
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 class LocalExecutor:
     """Runs cells in this process (``workers == 1``) or in a pool of ``workers`` spawned processes."""
 
@@ -130,20 +158,49 @@ class LocalExecutor:
         self.progress_every = progress_every
 
     def prepare(self, groups: list[Cell], cache_root: str, stream: TextIO) -> None:
-        """Build shared artifacts once per group before the runs (in parallel across groups)."""
+        """Build shared artifacts once per group before the runs (in parallel across groups), showing the progress
+        each build reports through ``ctx.progress`` (a learning-history dataset or a pretraining run takes minutes)."""
         if not groups:
             return
         stream.write(f"building shared artifacts for {len(groups)} (method, task) group(s)\n")
+        progress = Progress(total=len(groups), stream=stream)
+
+        def finished(cell: Cell, err: str | None, t0: float) -> None:
+            label = f"preparing {cell.method}/{cell.task}"
+            progress.finished(CellResult(cell.run_id, label, "failed" if err else "ok", err, time.monotonic() - t0))
+
         if self.workers == 1:
-            errors = [execute_prepare(c, cache_root, self.threads, self.device) for c in groups]
+            def report(run_id, f, msg):
+                progress.update(run_id, f, msg)
+                progress.tick(self.progress_every)
+
+            for cell in groups:
+                t0 = time.monotonic()
+                progress.started(cell, label=f"preparing {cell.method}/{cell.task}")
+                finished(cell, execute_prepare(cell, cache_root, self.threads, self.device, progress=report), t0)
         else:
-            with ProcessPoolExecutor(min(self.workers, len(groups)), mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker, initargs=(None, os.getpid())) as pool:
-                errors = list(pool.map(execute_prepare, groups, [cache_root] * len(groups),
-                                       [self.threads] * len(groups), [self.device] * len(groups)))
-        for cell, err in zip(groups, errors):
-            if err:
-                stream.write(f"  preparing {cell.method}/{cell.task} failed ({err}); its runs will retry\n")
+            q = mp.get_context("spawn").Queue()
+            with _drained(q, progress), ProcessPoolExecutor(
+                    min(self.workers, len(groups)), mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                    initargs=(q, os.getpid())) as pool:
+                t0 = time.monotonic()
+                futures = {}
+                for cell in groups:
+                    progress.started(cell, label=f"preparing {cell.method}/{cell.task}")
+                    futures[pool.submit(_worker_prepare, cell, cache_root, self.threads, self.device)] = cell
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    progress.tick(self.progress_every)
+                    for fut in done:
+                        try:
+                            err = fut.result()
+                        except Exception as e:  # a worker that died; the runs retry the build themselves
+                            err = f"{type(e).__name__}: {e}"
+                        finished(futures[fut], err, t0)
+        if progress.failed:
+            stream.write(f"{progress.failed} shared artifact build(s) failed; their runs will retry the build "
+                         "and store the error if it recurs\n")
 
     def run(self, cells: list[Cell], store: ResultsStore, cache_root: str, progress: Progress) -> list[CellResult]:
         if self.workers == 1:
@@ -167,19 +224,6 @@ class LocalExecutor:
     def _pool(self, cells, store, cache_root, progress):
         ctx = mp.get_context("spawn")  # fork + torch threads is unsafe; spawn costs one import per worker
         q = ctx.Queue()
-        stop = threading.Event()
-
-        def drain() -> None:
-            while not stop.is_set():
-                try:
-                    progress.update(*q.get(timeout=0.2))
-                except queue.Empty:
-                    pass
-                except (EOFError, OSError):
-                    return
-
-        reader = threading.Thread(target=drain, daemon=True)
-        reader.start()
         results: list[CellResult] = []
         pending = list(cells)
 
@@ -189,43 +233,42 @@ class LocalExecutor:
 
         pool = new_pool()
         inflight: dict[Future, Cell] = {}
-        try:
-            while pending or inflight:
-                while pending and len(inflight) < self.workers:
-                    cell = pending.pop(0)
-                    progress.started(cell)
-                    fut = pool.submit(_worker_execute, cell, str(store.root), cache_root, self.threads, self.device)
-                    inflight[fut] = cell
-                done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
-                progress.tick(self.progress_every)
-                broken = False
-                for fut in done:
-                    cell = inflight.pop(fut)
-                    try:
-                        r = fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        r = self._died(cell, store)
-                    except Exception as e:  # harness-side error in the worker (not the method's)
-                        r = CellResult(cell.run_id, cell.label, "failed", f"{type(e).__name__}: {e}", 0.0)
-                    progress.finished(r)
-                    results.append(r)
-                if broken:  # a worker died (segfault, OOM kill): record its cells, start a new pool
-                    for cell in inflight.values():
-                        r = self._died(cell, store)
+        with _drained(q, progress):
+            try:
+                while pending or inflight:
+                    while pending and len(inflight) < self.workers:
+                        cell = pending.pop(0)
+                        progress.started(cell)
+                        fut = pool.submit(_worker_execute, cell, str(store.root), cache_root, self.threads, self.device)
+                        inflight[fut] = cell
+                    done, _ = wait(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
+                    progress.tick(self.progress_every)
+                    broken = False
+                    for fut in done:
+                        cell = inflight.pop(fut)
+                        try:
+                            r = fut.result()
+                        except BrokenProcessPool:
+                            broken = True
+                            r = self._died(cell, store)
+                        except Exception as e:  # harness-side error in the worker (not the method's)
+                            r = CellResult(cell.run_id, cell.label, "failed", f"{type(e).__name__}: {e}", 0.0)
                         progress.finished(r)
                         results.append(r)
-                    inflight.clear()
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool = new_pool()
-        except BaseException:
-            # Ctrl-C: stop the workers now; their half-written .tmp dirs are cleaned on the next run
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            stop.set()
+                    if broken:  # a worker died (segfault, OOM kill): record its cells, start a new pool
+                        for cell in inflight.values():
+                            r = self._died(cell, store)
+                            progress.finished(r)
+                            results.append(r)
+                        inflight.clear()
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool = new_pool()
+            except BaseException:
+                # Ctrl-C: stop the workers now; their half-written .tmp dirs are cleaned on the next run
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         pool.shutdown(wait=True)
         return results
 

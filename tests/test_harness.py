@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -362,6 +363,50 @@ def test_shared_artifacts_built_once_before_runs(results_dir, tmp_path, capsys):
         assert "building shared artifacts for 1 (method, task) group(s)" in capsys.readouterr().err
     finally:
         reg._entries.pop("test-shared", None)
+
+
+class _SlowPrepare(_Shared):
+    """A shared build that reports its progress (as a dataset build or an encoder pretraining run does)."""
+
+    name = "test-slow-prepare"
+
+    def prepare(self, ctx):
+        ctx.progress(0.0, "starting")
+        time.sleep(0.6)  # ctx.progress is rate-limited to one report per 0.5 s
+        ctx.progress(0.5, "half of the data built")
+        self._dataset(ctx)
+
+
+def test_shared_artifact_builds_show_their_progress(tmp_path):
+    """A build of minutes must not look like a hang: its own progress reports reach the sweep's stream, and the
+    end of each build is announced; a failing build is named and left to its runs."""
+    import io
+
+    from bench.executor import LocalExecutor
+    from bench.runner import Cell
+
+    class _Broken(_Shared):
+        name = "test-broken-prepare"
+
+        def prepare(self, ctx):
+            raise RuntimeError("disk full")
+
+    reg = method_registry()
+    reg.register("test-slow-prepare", _SlowPrepare(), "tests", replace=True)
+    reg.register("test-broken-prepare", _Broken(), "tests", replace=True)
+    try:
+        stream = io.StringIO()
+        cells = [Cell("test-slow-prepare", "DarkRoom-v0", 0, "smoke", None),
+                 Cell("test-broken-prepare", "DarkRoom-v0", 0, "smoke", None)]
+        LocalExecutor(workers=1, progress_every=0.0).prepare(cells, str(tmp_path / "cache"), stream)
+        out = stream.getvalue()
+        assert "preparing test-slow-prepare/DarkRoom-v0 50% half of the data built" in out
+        assert "[1/2] preparing test-slow-prepare/DarkRoom-v0: ok" in out
+        assert "[2/2] preparing test-broken-prepare/DarkRoom-v0: FAILED (RuntimeError: disk full)" in out
+        assert "1 shared artifact build(s) failed" in out
+    finally:
+        reg._entries.pop("test-slow-prepare", None)
+        reg._entries.pop("test-broken-prepare", None)
 
 
 def test_suite_blocks_and_method_exclusion(capsys, results_dir):

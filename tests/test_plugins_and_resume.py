@@ -157,6 +157,41 @@ def test_process_pool_workers(tmp_path, cache_dir):
     assert len(metas) == 4 and all(m["status"] == "ok" and m["torch_threads"] >= 1 for m in metas)
 
 
+def test_shared_builds_in_the_process_pool_report_progress(tmp_path, cache_dir):
+    """`--workers 2` builds two groups' shared artifacts in spawned workers (a plugin method, so the workers can
+    import it); each build's own progress reports reach the driver's display, and each build's end is announced."""
+    target = _install_package(tmp_path, "slow-prep", "slow_prep", textwrap.dedent("""
+        import time
+
+        class SlowPrepare:
+            name = "slow-prepare"
+
+            def supports(self, task):
+                return task.family == "in-context"
+
+            def _data(self, ctx):
+                def build(d):
+                    ctx.progress(0.5, "halfway through the build")
+                    time.sleep(12.0)  # longer than the display's 10-s refresh: one line falls inside
+                    (d / "x.txt").write_text("1")
+                return ctx.cache.get_or_build("slow-data", {"task": ctx.task.id}, build)
+
+            def prepare(self, ctx):
+                self._data(ctx)
+
+            def run(self, ctx):
+                ctx.log(0, {"eval/return": float((self._data(ctx) / "x.txt").read_text())}, axis="episode")
+        """), "adapt_bench.methods", 'slow-prepare = "slow_prep:SlowPrepare"')
+    res = tmp_path / "results"
+    proc = bench_cli("run", "--methods", "slow-prepare", "--tasks", "DarkRoom-v0,DarkKeyToDoor-v0", "--preset",
+                     "smoke", "--workers", "2", "--results-dir", str(res), env=_env(target, cache=cache_dir),
+                     check=True)
+    assert "building shared artifacts for 2 (method, task) group(s)" in proc.stderr
+    assert "preparing slow-prepare/DarkRoom-v0 50% halfway through the build" in proc.stderr
+    assert "preparing slow-prepare/DarkKeyToDoor-v0: ok" in proc.stderr
+    assert "preparing slow-prepare/DarkRoom-v0: ok" in proc.stderr
+
+
 def test_third_party_task_plugin(tmp_path, cache_dir):
     """A package adds a task through `adapt_bench.tasks`; it is listed, made through gymnasium and run."""
     target = _install_package(tmp_path, "room-plugin", "room_plugin", textwrap.dedent("""

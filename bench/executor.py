@@ -164,30 +164,31 @@ class LocalExecutor:
             return
         stream.write(f"building shared artifacts for {len(groups)} (method, task) group(s)\n")
         progress = Progress(total=len(groups), stream=stream)
+        labels = {cell.run_id: f"preparing {cell.method}/{cell.task}" for cell in groups}
+
+        def started(cell: Cell) -> float:
+            progress.started(cell, label=labels[cell.run_id])
+            return time.monotonic()
 
         def finished(cell: Cell, err: str | None, t0: float) -> None:
-            label = f"preparing {cell.method}/{cell.task}"
-            progress.finished(CellResult(cell.run_id, label, "failed" if err else "ok", err, time.monotonic() - t0))
+            progress.finished(CellResult(cell.run_id, labels[cell.run_id], "failed" if err else "ok", err,
+                                         time.monotonic() - t0))
 
         if self.workers == 1:
-            def report(run_id, f, msg):
-                progress.update(run_id, f, msg)
-                progress.tick(self.progress_every)
-
             for cell in groups:
-                t0 = time.monotonic()
-                progress.started(cell, label=f"preparing {cell.method}/{cell.task}")
-                finished(cell, execute_prepare(cell, cache_root, self.threads, self.device, progress=report), t0)
+                t0 = started(cell)
+                finished(cell, execute_prepare(cell, cache_root, self.threads, self.device,
+                                               progress=self._reporter(progress)), t0)
         else:
-            q = mp.get_context("spawn").Queue()
-            with _drained(q, progress), ProcessPoolExecutor(
-                    min(self.workers, len(groups)), mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                    initargs=(q, os.getpid())) as pool:
-                t0 = time.monotonic()
+            spawn = mp.get_context("spawn")
+            q = spawn.Queue()
+            pool = ProcessPoolExecutor(min(self.workers, len(groups)), mp_context=spawn, initializer=_init_worker,
+                                       initargs=(q, os.getpid()))
+            with _drained(q, progress), pool:
                 futures = {}
-                for cell in groups:
-                    progress.started(cell, label=f"preparing {cell.method}/{cell.task}")
-                    futures[pool.submit(_worker_prepare, cell, cache_root, self.threads, self.device)] = cell
+                for cell in groups:  # started before submitted: a report that comes first would be dropped
+                    t0 = started(cell)
+                    futures[pool.submit(_worker_prepare, cell, cache_root, self.threads, self.device)] = (cell, t0)
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
@@ -197,10 +198,20 @@ class LocalExecutor:
                             err = fut.result()
                         except Exception as e:  # a worker that died; the runs retry the build themselves
                             err = f"{type(e).__name__}: {e}"
-                        finished(futures[fut], err, t0)
+                        cell, t0 = futures[fut]
+                        finished(cell, err, t0)
         if progress.failed:
             stream.write(f"{progress.failed} shared artifact build(s) failed; their runs will retry the build "
                          "and store the error if it recurs\n")
+
+    def _reporter(self, progress: Progress):
+        """The progress callback of work run in this process: record the report, print at most every
+        ``progress_every`` seconds."""
+        def report(run_id: str, fraction: float, message: str) -> None:
+            progress.update(run_id, fraction, message)
+            progress.tick(self.progress_every)
+
+        return report
 
     def run(self, cells: list[Cell], store: ResultsStore, cache_root: str, progress: Progress) -> list[CellResult]:
         if self.workers == 1:
@@ -211,12 +222,8 @@ class LocalExecutor:
         results = []
         for cell in cells:
             progress.started(cell)
-
-            def report(run_id, f, msg):
-                progress.update(run_id, f, msg)
-                progress.tick(self.progress_every)
-
-            r = execute_cell(cell, str(store.root), cache_root, self.threads, self.device, progress=report)
+            r = execute_cell(cell, str(store.root), cache_root, self.threads, self.device,
+                             progress=self._reporter(progress))
             progress.finished(r)
             results.append(r)
         return results

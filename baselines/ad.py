@@ -707,6 +707,12 @@ class AlgorithmDistillation:
             return f"{self.name} predicts discrete actions; `{task.id}` has continuous ones"
         return True
 
+    def prepare(self, ctx: RunContext) -> None:
+        """Build the train tasks' dataset (learning histories; ED: expert episodes) once, before the runs: every
+        seed and every held-out task of the family reads it. ``run`` loads it from the cache (or builds it there,
+        under the cache's lock, if a run is started without the executor's prepare step)."""
+        load_histories(ctx, self.expert_data)
+
     def run(self, ctx: RunContext) -> None:
         cfg: Config = ctx.config if ctx.config is not None else Config()
         spec = ctx.task

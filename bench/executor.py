@@ -61,7 +61,10 @@ class Progress:
             self.running.pop(result.run_id, None)
             self.done += 1
             self.failed += result.status != "ok"
-        mark = "ok" if result.status == "ok" else f"FAILED ({result.reason})"
+        if result.status == "ok":
+            mark = f"ok ({result.reason})" if result.reason else "ok"  # e.g. stored by another driver
+        else:
+            mark = f"FAILED ({result.reason})"
         self.stream.write(f"[{self.done}/{self.total}] {result.label}: {mark} in {_fmt_time(result.wall_time_s)}\n")
         self.stream.flush()
 

@@ -388,9 +388,21 @@ def execute_cell(
     device: str = "auto",
     progress=None,
 ) -> CellResult:
-    """Run one cell and store its record; never raises for a method's own errors (they become failed runs)."""
-    meta, rows = compute_cell(cell, cache_root, torch_threads, device, progress)
-    ResultsStore(results_root).write(cell.run_id, meta, rows)
+    """Run one cell and store its record; never raises for a method's own errors (they become failed runs).
+
+    The run holds its claim in the store meanwhile: a second ``bench run`` on the same results directory waits
+    for it, then finds the record stored and does not compute it again (nor write into its checkpoints)."""
+    store = ResultsStore(results_root)
+
+    def waiting() -> None:
+        if progress is not None:
+            progress(cell.run_id, 0.0, "waiting: another `bench run` is running this cell")
+
+    with store.claim(cell.run_id, on_wait=waiting):
+        if store.status(cell.run_id) == "ok":  # stored by another driver since this sweep was planned
+            return CellResult(cell.run_id, cell.label, "ok", "stored by another `bench run`", 0.0)
+        meta, rows = compute_cell(cell, cache_root, torch_threads, device, progress)
+        store.write(cell.run_id, meta, rows)
     if meta["status"] == "ok":
         discard_checkpoint(cell, cache_root)
     return CellResult(cell.run_id, cell.label, meta["status"], meta["reason"], meta["wall_time_s"])

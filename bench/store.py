@@ -8,16 +8,21 @@ Layout under the results root (default ``results/``)::
 A run directory is assembled under ``runs/.tmp-<run_id>-<pid>-<nonce>/`` and renamed into place in one
 ``os.rename``, so a reader never sees a half-written run and a process killed with SIGKILL leaves only a
 ``.tmp-*`` directory, which the next sweep removes. Nothing here is a pickle: JSON and Parquet only.
+
+``runs/.locks/<run_id>.lock`` is the claim a running cell holds (:meth:`ResultsStore.claim`): two ``bench run``
+drivers on one results directory never compute the same run at once. A lock dies with its process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +143,27 @@ class ResultsStore:
 
     def remove(self, run_id: str) -> None:
         shutil.rmtree(self.runs / run_id, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def claim(self, run_id: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold ``run_id``'s run lock while the block runs; if another process holds it, call ``on_wait`` and
+        wait for it. The caller re-reads :meth:`status` inside the block: the holder may have stored the run.
+
+        An ``flock``, so a driver killed by SIGKILL releases it; a sweep resumed after a crash is never blocked.
+        """
+        path = self.runs / ".locks" / f"{run_id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ reading
     def read_meta(self, run_id: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ model learns, bad contexts are refused, and ``ad`` / ``ed`` run end to end throu
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -266,7 +267,8 @@ def test_ad_and_ed_run_end_to_end_at_smoke(tmp_path, synthetic_data) -> None:
     store = ResultsStore(res)
     records = [store.read(i) for i in store.run_ids()]
     assert code == 0 and len(records) == 4, [(r.meta["task"], r.meta["reason"]) for r in records]
-    assert sorted(synthetic_data) == [False, False, True, True]
+    # each (method, task) group's dataset is loaded once by the prepare step, then by each of its runs
+    assert sorted(synthetic_data) == [False] * 4 + [True] * 4
     for rec in records:
         assert rec.status == "ok", rec.meta["reason"]
         curve = rec.curve
@@ -334,12 +336,18 @@ def test_view_table_batches_encode_each_distinct_frame_once() -> None:
     assert np.isfinite(metrics["losses/action_ce"])
 
 
-def test_real_histories_end_to_end(tmp_path) -> None:
-    """With the real source histories (``baselines.histories``), once that module exists."""
-    pytest.importorskip("baselines.histories")
+def test_real_histories_end_to_end(tmp_path, capsys) -> None:
+    """With the real source histories (``baselines.histories``): the prepare step builds each dataset, with its
+    progress, before the runs."""
     res = tmp_path / "results"
     code = main(["run", "--methods", "ad,ed", "--tasks", "DarkRoom-v0", "--preset", "smoke", "--seeds", "1",
                  "--results-dir", str(res), "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "preparing ad/DarkRoom-v0: ok" in text and "preparing ed/DarkRoom-v0: ok" in text, text
+    assert re.search(r"preparing ad/DarkRoom-v0 \d+% learning histories: A2C step", text), text  # its progress
+    built = {p.name.split("-")[3] for p in (tmp_path / "cache" / "artifacts").glob("histories-DarkRoom-v0-*")}
+    assert {"learning", "expert"} <= built, built
     store = ResultsStore(res)
     metas = [store.read_meta(i) for i in store.run_ids()]
     assert code == 0 and [m["status"] for m in metas] == ["ok", "ok"], [m["reason"] for m in metas]

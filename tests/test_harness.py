@@ -409,6 +409,53 @@ def test_shared_artifact_builds_show_their_progress(tmp_path):
         reg._entries.pop("test-broken-prepare", None)
 
 
+class _Counted(_Shared):
+    """Counts its runs: a cell another driver is running must not be computed a second time."""
+
+    name = "test-counted"
+    runs: list[int] = []
+
+    def run(self, ctx):
+        _Counted.runs.append(ctx.seed)
+        ctx.log(0, {"eval/return": 1.0}, axis="episode")
+
+
+def test_a_second_driver_waits_for_a_running_cell_and_does_not_repeat_it(tmp_path):
+    """Two `bench run` drivers on one results directory: while one holds a cell's claim, the other waits, then
+    finds the record stored and skips it. The claim is a lock file, released when its holder ends."""
+    import threading
+
+    from bench.runner import Cell, execute_cell
+
+    reg = method_registry()
+    reg.register("test-counted", _Counted(), "tests", replace=True)
+    _Counted.runs.clear()
+    store = ResultsStore(tmp_path / "results")
+    cell = Cell("test-counted", "DarkRoom-v0", 0, "smoke", None)
+    reports: list[str] = []
+    try:
+        with store.claim(cell.run_id):  # "the other driver" is running this cell
+            result: list = []
+            waiter = threading.Thread(target=lambda: result.append(execute_cell(
+                cell, str(store.root), str(tmp_path / "cache"), progress=lambda _id, _f, msg: reports.append(msg))))
+            waiter.start()
+            waiter.join(timeout=1.0)
+            assert waiter.is_alive() and reports == ["waiting: another `bench run` is running this cell"]
+            log = RunLogger()
+            log(0, {"eval/return": 2.0}, axis="episode")  # the other driver stores its record
+            store.write(cell.run_id, {"status": "ok", "reason": None, "method": cell.method, "task": cell.task,
+                                      "seed": 0, "preset": "smoke"}, log.rows)
+        waiter.join(timeout=30)
+        assert not waiter.is_alive() and result[0].status == "ok"
+        assert result[0].reason == "stored by another `bench run`" and _Counted.runs == []
+        assert store.read(cell.run_id).curve.value.tolist() == [2.0]  # the stored record is left as it was
+        # once free, a claim is taken at once: a cell nobody is running is computed
+        other = Cell("test-counted", "DarkRoom-v0", 1, "smoke", None)
+        assert execute_cell(other, str(store.root), str(tmp_path / "cache")).status == "ok" and _Counted.runs == [1]
+    finally:
+        reg._entries.pop("test-counted", None)
+
+
 def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     from bench.runner import expand_methods, get_suite, suite_plan
 

@@ -710,7 +710,9 @@ class AlgorithmDistillation:
     def prepare(self, ctx: RunContext) -> None:
         """Build the train tasks' dataset (learning histories; ED: expert episodes) once, before the runs: every
         seed and every held-out task of the family reads it. ``run`` loads it from the cache (or builds it there,
-        under the cache's lock, if a run is started without the executor's prepare step)."""
+        under the cache's lock, if a run is started without the executor's prepare step). A context the task
+        refuses (shorter than its episode) raises here, before minutes of data generation for a run that fails."""
+        (ctx.config if ctx.config is not None else Config()).context_len(ctx.task)
         load_histories(ctx, self.expert_data)
 
     def run(self, ctx: RunContext) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from bench.runner import (
+    STORED_ELSEWHERE,
     Cell,
     CellResult,
     Plan,
@@ -285,6 +286,8 @@ class LocalExecutor:
     @staticmethod
     def _died(cell: Cell, store: ResultsStore) -> CellResult:
         reason = "worker process died (killed, out of memory or crashed in native code)"
+        if store.status(cell.run_id) == "ok":  # the worker was waiting for another driver, which stored the run
+            return CellResult(cell.run_id, cell.label, "ok", STORED_ELSEWHERE, 0.0)
         store.write(cell.run_id, {"status": "failed", "reason": reason, "traceback": None, "method": cell.method,
                                   "task": cell.task, "seed": cell.seed, "preset": cell.preset,
                                   "config": cell.config}, [])

@@ -22,7 +22,6 @@ declared). The Ray executor reserves it for each run and gives the run ``int(num
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -38,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from bench.registry import AdaptBenchError
+from bench.store import file_lock
 from tasks.spec import Budget, TaskSpec
 
 
@@ -123,13 +123,8 @@ class ArtifactCache:
 
     @contextlib.contextmanager
     def _lock(self, path: Path) -> Iterator[None]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_suffix(".lock"), "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with file_lock(path.with_suffix(".lock")):
+            yield
 
     def get_or_build(
         self,

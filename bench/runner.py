@@ -380,6 +380,10 @@ def discard_checkpoint(cell: Cell, cache_root: str) -> None:
     shutil.rmtree(Path(cache_root) / "checkpoints" / cell.run_id, ignore_errors=True)
 
 
+STORED_ELSEWHERE = "stored by another `bench run`"
+"""A :class:`CellResult`'s reason (or its start) when another driver computed the cell meanwhile."""
+
+
 def execute_cell(
     cell: Cell,
     results_root: str,
@@ -398,9 +402,14 @@ def execute_cell(
         if progress is not None:
             progress(cell.run_id, 0.0, "waiting: another `bench run` is running this cell")
 
+    before = store.status(cell.run_id)
     with store.claim(cell.run_id, on_wait=waiting):
-        if store.status(cell.run_id) == "ok":  # stored by another driver since this sweep was planned
-            return CellResult(cell.run_id, cell.label, "ok", "stored by another `bench run`", 0.0)
+        now = store.status(cell.run_id)
+        # stored by another driver since this sweep was planned (a sweep never plans a stored ok cell), or failed
+        # there while this one waited: that failure stands unless a later `--retry-failed` asks again
+        if now == "ok" or (now == "failed" and before != "failed"):
+            reason = store.read_meta(cell.run_id).get("reason")
+            return CellResult(cell.run_id, cell.label, now, STORED_ELSEWHERE + (f": {reason}" if reason else ""), 0.0)
         meta, rows = compute_cell(cell, cache_root, torch_threads, device, progress)
         store.write(cell.run_id, meta, rows)
     if meta["status"] == "ok":

@@ -16,12 +16,14 @@ drivers on one results directory never compute the same run at once. A lock dies
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,39 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# flock(2) fails with these where the file system has no locks (some FUSE and sshfs mounts, Lustre mounted without
+# `flock`): a lock is then an optimisation we do without, not a reason to stop a sweep.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created) while the block runs; if another process or open file
+    holds it, call ``on_wait`` and wait. A lock dies with its process, so a crash never leaves a stale one. On a
+    file system without locks, warn and go on unlocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            warnings.warn(f"{path.parent}: the file system does not support file locks ({e.strerror}); going on "
+                          "without them, so two processes may build or run the same thing twice", RuntimeWarning,
+                          stacklevel=3)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class ResultsStore:
@@ -149,21 +184,10 @@ class ResultsStore:
         """Hold ``run_id``'s run lock while the block runs; if another process holds it, call ``on_wait`` and
         wait for it. The caller re-reads :meth:`status` inside the block: the holder may have stored the run.
 
-        An ``flock``, so a driver killed by SIGKILL releases it; a sweep resumed after a crash is never blocked.
+        A :func:`file_lock`, so a driver killed by SIGKILL releases it; a resumed sweep is never blocked.
         """
-        path = self.runs / ".locks" / f"{run_id}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait()
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with file_lock(self.runs / ".locks" / f"{run_id}.lock", on_wait):
+            yield
 
     # ------------------------------------------------------------------ reading
     def read_meta(self, run_id: str) -> dict[str, Any]:

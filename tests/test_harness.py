@@ -432,23 +432,36 @@ def test_a_second_driver_waits_for_a_running_cell_and_does_not_repeat_it(tmp_pat
     _Counted.runs.clear()
     store = ResultsStore(tmp_path / "results")
     cell = Cell("test-counted", "DarkRoom-v0", 0, "smoke", None)
-    reports: list[str] = []
-    try:
-        with store.claim(cell.run_id):  # "the other driver" is running this cell
-            result: list = []
-            waiter = threading.Thread(target=lambda: result.append(execute_cell(
-                cell, str(store.root), str(tmp_path / "cache"), progress=lambda _id, _f, msg: reports.append(msg))))
+
+    def other_driver_stores(cell, status: str) -> list:
+        """Hold ``cell``'s claim as another driver would, start this driver's execute_cell, store ``status``."""
+        waiting, result = threading.Event(), []
+
+        def report(_id, _f, msg):
+            assert msg == "waiting: another `bench run` is running this cell"
+            waiting.set()
+
+        with store.claim(cell.run_id):
+            waiter = threading.Thread(target=lambda: result.append(
+                execute_cell(cell, str(store.root), str(tmp_path / "cache"), progress=report)))
             waiter.start()
-            waiter.join(timeout=1.0)
-            assert waiter.is_alive() and reports == ["waiting: another `bench run` is running this cell"]
+            assert waiting.wait(timeout=60) and waiter.is_alive()  # it found the claim taken and waits
             log = RunLogger()
-            log(0, {"eval/return": 2.0}, axis="episode")  # the other driver stores its record
-            store.write(cell.run_id, {"status": "ok", "reason": None, "method": cell.method, "task": cell.task,
-                                      "seed": 0, "preset": "smoke"}, log.rows)
-        waiter.join(timeout=30)
-        assert not waiter.is_alive() and result[0].status == "ok"
-        assert result[0].reason == "stored by another `bench run`" and _Counted.runs == []
+            log(0, {"eval/return": 2.0}, axis="episode")
+            store.write(cell.run_id, {"status": status, "reason": None if status == "ok" else "boom",
+                                      "method": cell.method, "task": cell.task, "seed": cell.seed,
+                                      "preset": "smoke"}, log.rows)
+        waiter.join(timeout=60)
+        assert not waiter.is_alive()
+        return result
+
+    try:
+        (r,) = other_driver_stores(cell, "ok")
+        assert (r.status, r.reason, _Counted.runs) == ("ok", "stored by another `bench run`", [])
         assert store.read(cell.run_id).curve.value.tolist() == [2.0]  # the stored record is left as it was
+        failed = Cell("test-counted", "DarkRoom-v0", 2, "smoke", None)  # a failure there stands here too
+        (r,) = other_driver_stores(failed, "failed")
+        assert (r.status, r.reason, _Counted.runs) == ("failed", "stored by another `bench run`: boom", [])
         # once free, a claim is taken at once: a cell nobody is running is computed
         other = Cell("test-counted", "DarkRoom-v0", 1, "smoke", None)
         assert execute_cell(other, str(store.root), str(tmp_path / "cache")).status == "ok" and _Counted.runs == [1]

@@ -500,8 +500,9 @@ def test_ablation_experiments_get_a_leaderboard_section_and_plot(tmp_path, cache
     from bench.runner import get_suite
 
     plasticity = get_suite("plasticity-ablations")
-    assert [n for n, _ in plasticity.experiments] == ["fixes", "stages", "frozen"]
+    assert [n for n, _ in plasticity.experiments] == ["fixes", "stages", "frozen", "replay-ratio"]
     by_tag = {e.tag: e for e in experiments()}
+    assert by_tag["plasticity-ablations-replay-ratio"].own == ["drqv2-rr2", "drqv2-arr"]
     assert by_tag["icrl-ablations-context-length"].own == ["ad-ctx0.5", "ad-ctx1", "ad-ctx2", "ad-ctx4"]
     assert by_tag["plasticity-ablations-frozen"].own == ["drqv2-frozen", "drqv2-noaug-frozen"]
     res = tmp_path / "results"

@@ -84,7 +84,7 @@ def _split(values: list[str] | None) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import check_preset, parse_set_args
     from bench.executor import LocalExecutor, run_sweep
-    from bench.runner import STORED_ELSEWHERE, expand_methods, expand_tasks, get_suite, make_plan, suite_plan
+    from bench.runner import expand_methods, expand_tasks, get_suite, make_plan, suite_plan
     from bench.store import ResultsStore
 
     suite = get_suite(args.suite) if args.suite else None
@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_sweep(plan, store, args.cache_dir, executor, args.retry_failed)
     failed = [c for c in plan.cells if store.status(c.run_id) in ("failed", "corrupt")]
     ok = len(plan.cells) - len(failed)
-    elsewhere = sum((r.reason or "").startswith(STORED_ELSEWHERE) for r in summary.results)
+    elsewhere = sum(r.elsewhere for r in summary.results)
     print(f"done: {ok}/{len(plan.cells)} runs stored ok ({len(summary.results) - elsewhere} run now, "
           f"{summary.skipped_done + elsewhere} found stored), {len(failed)} failed", file=sys.stderr)
     if failed:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from bench.runner import (
-    STORED_ELSEWHERE,
     Cell,
     CellResult,
     Plan,
@@ -24,6 +23,7 @@ from bench.runner import (
     execute_cell,
     execute_prepare,
     prepare_groups,
+    stored_elsewhere,
 )
 from bench.store import ResultsStore
 
@@ -286,8 +286,8 @@ class LocalExecutor:
     @staticmethod
     def _died(cell: Cell, store: ResultsStore) -> CellResult:
         reason = "worker process died (killed, out of memory or crashed in native code)"
-        if store.status(cell.run_id) == "ok":  # the worker was waiting for another driver, which stored the run
-            return CellResult(cell.run_id, cell.label, "ok", STORED_ELSEWHERE, 0.0)
+        if (done := stored_elsewhere(cell, store)) is not None:  # it was waiting for another driver, which stored it
+            return done
         store.write(cell.run_id, {"status": "failed", "reason": reason, "traceback": None, "method": cell.method,
                                   "task": cell.task, "seed": cell.seed, "preset": cell.preset,
                                   "config": cell.config}, [])

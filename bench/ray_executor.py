@@ -39,7 +39,7 @@ from typing import Any, TextIO
 from bench.executor import Progress
 from bench.method import ArtifactCache, RunLogger, stable_hash
 from bench.registry import AdaptBenchError
-from bench.runner import STORED_ELSEWHERE, Cell, CellResult, compute_cell, discard_checkpoint, make_context
+from bench.runner import Cell, CellResult, compute_cell, discard_checkpoint, make_context, stored_elsewhere
 from bench.store import ResultsStore
 
 INSTALL_HINT = 'pip install "adapt-bench[ray]"'
@@ -435,8 +435,8 @@ class RayExecutor:
             reason = (f"Ray worker lost ({type(e).__name__}) on each of {self.max_retries + 1} attempt(s): "
                       "killed, out of memory, or its node died")
             meta, rows = self._failed(cell, reason, str(e)), []
-        if store.status(cell.run_id) == "ok":  # another driver stored it meanwhile (Ray runs take no run lock)
-            return CellResult(cell.run_id, cell.label, "ok", STORED_ELSEWHERE, 0.0)
+        if (done := stored_elsewhere(cell, store)) is not None:  # another driver stored it (Ray takes no run lock)
+            return done
         store.write(cell.run_id, meta, rows)
         return CellResult(cell.run_id, cell.label, meta["status"], meta["reason"], float(meta["wall_time_s"]))
 

@@ -274,6 +274,8 @@ class CellResult:
     status: str  # ok | failed
     reason: str | None
     wall_time_s: float
+    elsewhere: bool = False
+    """Computed by another ``bench run`` on the same results directory while this one waited or ran."""
 
 
 def make_context(cell: Cell, cache_root: str, torch_threads: int, device: str, logger: RunLogger,
@@ -381,7 +383,18 @@ def discard_checkpoint(cell: Cell, cache_root: str) -> None:
 
 
 STORED_ELSEWHERE = "stored by another `bench run`"
-"""A :class:`CellResult`'s reason (or its start) when another driver computed the cell meanwhile."""
+
+
+def stored_elsewhere(cell: Cell, store: ResultsStore, before: str = "failed") -> CellResult | None:
+    """The result of ``cell`` if another driver stored it since this one saw status ``before``: an ok record (a
+    sweep never plans a stored ok cell), or a failure that was not there before (it stands unless a later
+    ``--retry-failed`` asks again). None when this driver should compute, or write, the record itself."""
+    now = store.status(cell.run_id)
+    if now != "ok" and not (now == "failed" and before != "failed"):
+        return None
+    reason = store.read_meta(cell.run_id).get("reason")
+    return CellResult(cell.run_id, cell.label, now, STORED_ELSEWHERE + (f": {reason}" if reason else ""), 0.0,
+                      elsewhere=True)
 
 
 def execute_cell(
@@ -404,12 +417,8 @@ def execute_cell(
 
     before = store.status(cell.run_id)
     with store.claim(cell.run_id, on_wait=waiting):
-        now = store.status(cell.run_id)
-        # stored by another driver since this sweep was planned (a sweep never plans a stored ok cell), or failed
-        # there while this one waited: that failure stands unless a later `--retry-failed` asks again
-        if now == "ok" or (now == "failed" and before != "failed"):
-            reason = store.read_meta(cell.run_id).get("reason")
-            return CellResult(cell.run_id, cell.label, now, STORED_ELSEWHERE + (f": {reason}" if reason else ""), 0.0)
+        if (done := stored_elsewhere(cell, store, before)) is not None:
+            return done
         meta, rows = compute_cell(cell, cache_root, torch_threads, device, progress)
         store.write(cell.run_id, meta, rows)
     if meta["status"] == "ok":

@@ -697,6 +697,9 @@ class AlgorithmDistillation:
     """ED's switch: train on expert episodes instead of learning histories."""
     Config = Config
     presets = PRESETS
+    trains_as: str | None = None
+    """An evaluation-only variant names the method whose trained model it evaluates (:func:`shared_training`'s
+    key then holds that name; the rest of the key, the training config included, still has to match)."""
 
     def supports(self, task: TaskSpec) -> bool | str:
         if task.family != "in-context":
@@ -722,7 +725,7 @@ class AlgorithmDistillation:
         histories = load_histories(ctx, self.expert_data)
         gap = round(cfg.history_gap * np.shape(histories.dones)[1])
         sampler = WindowSampler(histories, model.context_len, model.num_actions, gap)
-        shared_training(ctx, self.name, model, histories, sampler, cfg)
+        shared_training(ctx, self.trains_as or self.name, model, histories, sampler, cfg)
         core = load_target(spec.batched_core)(spec, eval_tasks(ctx))
         returns, prompt_returns = evaluate_in_context(
             model, core, ctx.budget.eval_episodes, cfg, ctx.rng,
@@ -769,3 +772,26 @@ ADContext0_5 = _context_variant(0.5)
 ADContext1 = _context_variant(1.0)
 ADContext2 = _context_variant(2.0)
 ADContext4 = _context_variant(4.0)
+
+
+# -- The evaluation's sliding context ------------------------------------------------------------------------------
+def _slide_variant(keep: float) -> type[AlgorithmDistillation]:
+    """AD evaluated with ``slide_keep=keep`` at every preset: it evaluates ``ad``'s trained model (an
+    evaluation-only field, so the training is ``ad``'s and comes from the artifact cache when ``ad`` has run)."""
+
+    @dataclass
+    class SlideConfig(Config):
+        slide_keep: float = keep
+
+    label = f"{keep:g}"
+    return type(f"AlgorithmDistillationKeep{label.replace('.', '_')}", (AlgorithmDistillation,), {
+        "__doc__": f"AD whose evaluation keeps the last {keep:.0%} of the context when the key/value cache is "
+                   f"full (ad: {Config.slide_keep:.0%}), so the context holds {keep:.0%}-100% of the window "
+                   "instead of 50-100%; ad's trained model, evaluated closer to the paper's one-step slide.",
+        "name": f"ad-keep{label}", "Config": SlideConfig, "trains_as": "ad",
+        "presets": _without(PRESETS, "slide_keep"),
+    })
+
+
+ADKeep0_75 = _slide_variant(0.75)
+ADKeep0_9 = _slide_variant(0.9)

@@ -17,6 +17,8 @@ _BUILTIN = {
     "ad-ctx1": "baselines.ad:ADContext1",
     "ad-ctx2": "baselines.ad:ADContext2",
     "ad-ctx4": "baselines.ad:ADContext4",
+    "ad-keep0.75": "baselines.ad:ADKeep0_75",
+    "ad-keep0.9": "baselines.ad:ADKeep0_9",
     "source-a2c": "baselines.source:SourceMethod",
     "rl2": "baselines.rl2:RL2Method",
     "drqv2": "baselines.drqv2:DrQV2",

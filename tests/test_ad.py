@@ -240,6 +240,34 @@ def test_context_length_ablation_variants() -> None:
         apply_overrides(ad.Config(), {"context_episodes": "0"}, "method `ad`")
 
 
+def test_sliding_context_variants_evaluate_ads_trained_model(tmp_path) -> None:
+    """ad-keep<k> differ from ad in slide_keep only (an evaluation field), at every preset, and evaluate the model
+    ad trained: the second run trains nothing (the model's file is untouched) and replays ad's training rows."""
+    for name, keep in (("ad-keep0.75", 0.75), ("ad-keep0.9", 0.9)):
+        method = get_method(name)
+        assert method.trains_as == "ad" and method.expert_data is False
+        for preset in ("smoke", "quick", "paper"):
+            cfg, base = resolve_config(method, preset), resolve_config(get_method("ad"), preset)
+            assert cfg.slide_keep == keep and base.slide_keep == 0.5
+            assert {k for k, v in vars(cfg).items() if vars(base)[k] != v} == {"slide_keep"}
+            assert "slide_keep" in ad.EVAL_ONLY_FIELDS
+    res, cache = tmp_path / "results", tmp_path / "cache"
+    args = ["--tasks", "DarkRoom-v0", "--seeds", "1", "--preset", "smoke", "--results-dir", str(res),
+            "--cache-dir", str(cache)]
+    assert main(["run", "--methods", "ad", *args]) == 0
+    (model,) = (cache / "artifacts").glob("model-ad-*[!k]")  # not the .lock
+    stamp = (model / "model.pt").stat().st_mtime_ns
+    assert main(["run", "--methods", "ad-keep0.9", *args]) == 0
+    assert list((cache / "artifacts").glob("model-*[!k]")) == [model]
+    assert (model / "model.pt").stat().st_mtime_ns == stamp
+    store = ResultsStore(res)
+    by_method = {store.read_meta(i)["method"]: store.read(i).curve for i in store.run_ids()}
+    train = [c[c["key"].str.startswith("losses/")].reset_index(drop=True) for c in by_method.values()]
+    assert len(train[0]) > 0 and train[0][["step", "key", "value"]].equals(train[1][["step", "key", "value"]])
+    with pytest.raises(ConfigError, match="slide_keep"):
+        apply_overrides(resolve_config(get_method("ad-keep0.9"), "smoke"), {"slide_keep": "1"}, "method").validate()
+
+
 def test_cli_refuses_short_context(tmp_path, capsys, synthetic_data) -> None:
     common = ["--preset", "smoke", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
               "--cache-dir", str(tmp_path / "c")]

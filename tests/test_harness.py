@@ -473,13 +473,14 @@ def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     from bench.runner import expand_methods, get_suite, suite_plan
 
     everything = expand_methods(["*"])
-    headline = expand_methods(["*", "-ad-ctx*"])
-    assert "ad" in headline and not any(m.startswith("ad-ctx") for m in headline)
-    assert set(everything) - set(headline) == {"ad-ctx0.5", "ad-ctx1", "ad-ctx2", "ad-ctx4"}
+    headline = expand_methods(["*", "-ad-ctx*", "-ad-keep*"])
+    assert "ad" in headline and not any(m.startswith(("ad-ctx", "ad-keep")) for m in headline)
+    assert set(everything) - set(headline) == {"ad-ctx0.5", "ad-ctx1", "ad-ctx2", "ad-ctx4",
+                                               "ad-keep0.75", "ad-keep0.9"}
     with pytest.raises(UnknownNameError):
         expand_methods(["*", "-nosuchmethod*"])
     suite = get_suite("icrl-ablations")
-    assert len(suite.parts) == 2
+    assert len(suite.parts) == 3
     plan = suite_plan(suite, [0], "smoke", {})
     pairs = {(c.method, c.task) for c in plan.cells}
     assert ("ad-ctx0.5", "DarkRoom-v0") in pairs and ("ad", "AdversarialBandit-v0") in pairs

@@ -27,7 +27,8 @@ def method_palette(methods) -> dict[str, tuple[float, float, float]]:
     return dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
 
 
-def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str) -> plt.Figure:
+def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str,
+                  log_x: bool = False) -> plt.Figure:
     tasks = sorted(curves["task"].unique())
     cols = min(4, len(tasks))
     rows = int(np.ceil(len(tasks) / cols))
@@ -40,6 +41,8 @@ def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
         sns.lineplot(data=d, x=x, y=y, hue="method", hue_order=[m for m in methods if m in set(d["method"])],
                      palette=palette, errorbar=("ci", 95), n_boot=500, seed=0, ax=ax)
         ax.set_title(task, fontsize=10)
+        if log_x:
+            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if ax.get_legend() is not None:
@@ -55,9 +58,13 @@ def _facet_curves(curves: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str
 
 
 def in_context_curves(curves: pd.DataFrame, preset: str) -> plt.Figure:
-    """Normalised return per in-context episode on held-out tasks; bands: 95% CI over seeds."""
-    return _facet_curves(curves, "step", "score", "in-context episode", "normalised return (%)",
-                         f"In-context learning on held-out tasks — preset `{preset}`")
+    """Normalised return per in-context episode on held-out tasks; bands: 95% CI over seeds. The episode axis is
+    logarithmic (episode 1 = the first): the source learner's hundreds of learning episodes would otherwise squash
+    the in-context methods' 20-100 episodes into a sliver at the left of the same panel."""
+    curves = curves.assign(episode=curves["step"] + 1)
+    return _facet_curves(curves, "episode", "score", "episode on the held-out task (log scale)",
+                         "normalised return (%)", f"In-context learning on held-out tasks — preset `{preset}`",
+                         log_x=True)
 
 
 def control_curves(curves: pd.DataFrame, preset: str) -> plt.Figure:

@@ -484,7 +484,8 @@ def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     plan = suite_plan(suite, [0], "smoke", {})
     pairs = {(c.method, c.task) for c in plan.cells}
     assert ("ad-ctx0.5", "DarkRoom-v0") in pairs and ("ad", "AdversarialBandit-v0") in pairs
-    assert ("ad-ctx0.5", "AdversarialBandit-v0") not in pairs and ("ad", "DarkRoom-v0") not in pairs  # blocks
+    assert ("ad-ctx0.5", "AdversarialBandit-v0") not in pairs and ("ed", "DarkRoom-v0") not in pairs  # blocks
+    assert ("ad-keep0.9", "DarkKeyToDoor-v0") in pairs and ("ad-keep0.9", "AdversarialBandit-v0") not in pairs
     only = suite_plan(suite, [0], "smoke", {}, tasks=["DarkRoom-v0"])  # a filter, block by block
     assert {c.task for c in only.cells} == {"DarkRoom-v0"}
     with pytest.raises(AdaptBenchError, match="no block"):

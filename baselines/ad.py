@@ -48,8 +48,9 @@ from tasks.spec import TaskSpec
 # the harness as {field: [paper, used]}).
 PAPER_DEVIATIONS: dict[str, str] = {
     "tokens": "one token per step embedding (o_t, a_{t-1}, r_{t-1}, first_t) instead of separate o, a, r tokens",
-    "sliding context": "KV cache refilled with the last slide_keep*L steps when full (context in [L/2, L]), "
-                       "instead of an exact one-step slide; kv_cache=false restores the exact slide",
+    "sliding context": "KV cache refilled with the last slide_keep*L steps when full (context in [slide_keep*L, L]; "
+                       "ad: 0.5, ad-keep0.75 / ad-keep0.9), instead of an exact one-step slide; kv_cache=false "
+                       "restores the exact slide",
     "grid observations": "cell index embedded as cell + column + row tables (the paper's agent sees (x, y))",
     "source data": "learning histories of this suite's source learner (baselines.histories), not A3C/DQN",
 }

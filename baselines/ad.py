@@ -751,22 +751,25 @@ def _without(presets: dict[str, dict[str, Any]], *fields: str) -> dict[str, dict
     return {name: {k: v for k, v in p.items() if k not in fields} for name, p in presets.items()}
 
 
+def _variant(cls_name: str, name: str, doc: str, defaults: dict[str, Any], **attrs: Any) -> type[AlgorithmDistillation]:
+    """AD registered as ``name`` whose config defaults ``defaults`` hold at every preset (the presets drop those
+    fields); the rest is ``ad``. ``attrs`` are further class attributes (``trains_as``)."""
+    fields = Config.__dataclass_fields__
+    config = dataclass(type(f"{cls_name}Config", (Config,), {
+        "__module__": __name__, "__annotations__": {k: fields[k].type for k in defaults}, **defaults}))
+    return type(cls_name, (AlgorithmDistillation,), {
+        "__module__": __name__, "__doc__": doc, "name": name, "Config": config,
+        "presets": _without(PRESETS, *defaults), **attrs})
+
+
 def _context_variant(episodes: float) -> type[AlgorithmDistillation]:
     """AD whose context spans ``episodes`` episodes (and no step cap), at every preset; the rest is ``ad``."""
-
-    @dataclass
-    class ContextConfig(Config):
-        context_episodes: float = episodes
-        max_context_steps: int = 0
-        partial_context: bool = episodes < 1
-
     label = f"{episodes:g}"
-    return type(f"AlgorithmDistillationContext{label.replace('.', '_')}", (AlgorithmDistillation,), {
-        "__doc__": f"AD with a context of {label} episode(s) (context-length ablation, paper Fig. 7): in-context "
-                   "improvement should appear only once the context crosses episode boundaries.",
-        "name": f"ad-ctx{label}", "Config": ContextConfig,
-        "presets": _without(PRESETS, "context_episodes", "max_context_steps"),
-    })
+    return _variant(
+        f"AlgorithmDistillationContext{label.replace('.', '_')}", f"ad-ctx{label}",
+        f"AD with a context of {label} episode(s) (context-length ablation, paper Fig. 7): in-context improvement "
+        "should appear only once the context crosses episode boundaries.",
+        {"context_episodes": episodes, "max_context_steps": 0, "partial_context": episodes < 1})
 
 
 ADContext0_5 = _context_variant(0.5)
@@ -779,19 +782,13 @@ ADContext4 = _context_variant(4.0)
 def _slide_variant(keep: float) -> type[AlgorithmDistillation]:
     """AD evaluated with ``slide_keep=keep`` at every preset: it evaluates ``ad``'s trained model (an
     evaluation-only field, so the training is ``ad``'s and comes from the artifact cache when ``ad`` has run)."""
-
-    @dataclass
-    class SlideConfig(Config):
-        slide_keep: float = keep
-
-    label = f"{keep:g}"
-    return type(f"AlgorithmDistillationKeep{label.replace('.', '_')}", (AlgorithmDistillation,), {
-        "__doc__": f"AD whose evaluation keeps the last {keep:.0%} of the context when the key/value cache is "
-                   f"full (ad: {Config.slide_keep:.0%}), so the context holds {keep:.0%}-100% of the window "
-                   "instead of 50-100%; ad's trained model, evaluated closer to the paper's one-step slide.",
-        "name": f"ad-keep{label}", "Config": SlideConfig, "trains_as": "ad",
-        "presets": _without(PRESETS, "slide_keep"),
-    })
+    label, base = f"{keep:g}", Config.slide_keep
+    return _variant(
+        f"AlgorithmDistillationKeep{label.replace('.', '_')}", f"ad-keep{label}",
+        f"AD whose evaluation keeps the last {keep:.0%} of the context when the key/value cache is full (ad: "
+        f"{base:.0%}), so the context holds {keep:.0%}-100% of the window instead of {base:.0%}-100%; ad's trained "
+        "model, evaluated closer to the paper's one-step slide.",
+        {"slide_keep": keep}, trains_as="ad")
 
 
 ADKeep0_75 = _slide_variant(0.75)

@@ -243,6 +243,7 @@ def test_context_length_ablation_variants() -> None:
 def test_sliding_context_variants_evaluate_ads_trained_model(tmp_path) -> None:
     """ad-keep<k> differ from ad in slide_keep only (an evaluation field), at every preset, and evaluate the model
     ad trained: the second run trains nothing (the model's file is untouched) and replays ad's training rows."""
+    assert "slide_keep" in ad.EVAL_ONLY_FIELDS
     for name, keep in (("ad-keep0.75", 0.75), ("ad-keep0.9", 0.9)):
         method = get_method(name)
         assert method.trains_as == "ad" and method.expert_data is False
@@ -250,7 +251,6 @@ def test_sliding_context_variants_evaluate_ads_trained_model(tmp_path) -> None:
             cfg, base = resolve_config(method, preset), resolve_config(get_method("ad"), preset)
             assert cfg.slide_keep == keep and base.slide_keep == 0.5
             assert {k for k, v in vars(cfg).items() if vars(base)[k] != v} == {"slide_keep"}
-            assert "slide_keep" in ad.EVAL_ONLY_FIELDS
     res, cache = tmp_path / "results", tmp_path / "cache"
     args = ["--tasks", "DarkRoom-v0", "--seeds", "1", "--preset", "smoke", "--results-dir", str(res),
             "--cache-dir", str(cache)]

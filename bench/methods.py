@@ -19,6 +19,8 @@ _BUILTIN = {
     "ad-ctx4": "baselines.ad:ADContext4",
     "ad-keep0.75": "baselines.ad:ADKeep0_75",
     "ad-keep0.9": "baselines.ad:ADKeep0_9",
+    "ad-prompt": "baselines.ad:ADPrompted",
+    "ed-prompt": "baselines.ad:EDPrompted",
     "source-a2c": "baselines.source:SourceMethod",
     "rl2": "baselines.rl2:RL2Method",
     "drqv2": "baselines.drqv2:DrQV2",

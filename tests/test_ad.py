@@ -268,6 +268,20 @@ def test_sliding_context_variants_evaluate_ads_trained_model(tmp_path) -> None:
         apply_overrides(resolve_config(get_method("ad-keep0.9"), "smoke"), {"slide_keep": "1"}, "method").validate()
 
 
+def test_prompt_variants_evaluate_their_bases_model_after_a_demonstration() -> None:
+    """ad-prompt / ed-prompt differ from ad / ed in the prompt fields only (evaluation-only), at every preset, and
+    evaluate their base's trained model: the demonstration-prompting comparison (paper Fig. 5) is one model,
+    prompted and not."""
+    assert {"prompt_episodes", "prompt_epsilon"} <= set(ad.EVAL_ONLY_FIELDS)
+    for name, base_name in (("ad-prompt", "ad"), ("ed-prompt", "ed")):
+        method, base = get_method(name), get_method(base_name)
+        assert method.trains_as == base_name and method.expert_data is base.expert_data
+        for preset in ("smoke", "quick", "paper"):
+            cfg, ref = resolve_config(method, preset), resolve_config(base, preset)
+            assert (cfg.prompt_episodes, cfg.prompt_epsilon) == (4, 0.5) and ref.prompt_episodes == 0
+            assert {k for k, v in vars(cfg).items() if vars(ref)[k] != v} == {"prompt_episodes", "prompt_epsilon"}
+
+
 def test_cli_refuses_short_context(tmp_path, capsys, synthetic_data) -> None:
     common = ["--preset", "smoke", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
               "--cache-dir", str(tmp_path / "c")]

@@ -40,6 +40,7 @@ from baselines.plasticity import (
     snapshot,
 )
 from baselines.replay import CheckpointError, FrameReplay, RunCheckpoints
+from bench.config import OMIT_DEFAULT_FROM_RUN_ID
 from bench.evaluation import EVAL_KEY, control_eval_points, evaluate_episodes
 from bench.method import RunContext, RunLogger
 from bench.registry import AdaptBenchError
@@ -101,6 +102,8 @@ class Config:
     """Episodes between ARR's comparisons of the critic's FAU (paper: 50 episodes = 50k frames)."""
     arr_threshold: float = 0.001
     """ARR switches when the critic's FAU changed by at most this between two comparisons."""
+    arr_from_first_update: bool = dataclasses.field(default=False, metadata=OMIT_DEFAULT_FROM_RUN_ID)
+    """Count ARR's interval from the episode of the first update (reference: from the run's first episode)."""
     reset_interval_frames: int = 0
     """Reset: re-initialise actor and critic (all but the encoder) every this many frames; 0 = never."""
     inject_at_frame: int = 0
@@ -553,7 +556,7 @@ class Trainer:
                                   action_dim, stack, cfg.nstep, cfg.discount, replay_rng)
         self.schedule = UpdateSchedule(cfg.replay_ratio)
         self.arr = AdaptiveReplayRatio(cfg.replay_ratio, cfg.arr_high_ratio, cfg.arr_interval_episodes,
-                                       cfg.arr_threshold) if cfg.arr else None
+                                       cfg.arr_threshold, cfg.arr_from_first_update) if cfg.arr else None
         self.frame = self.episode = self.evals_done = self.last_checkpoint = self._episode_updates = 0
         self.checkpoints = RunCheckpoints(ctx.checkpoint_dir)
         self._sums: dict[str, float] = {}  # sums of the update metrics of the episode in progress
@@ -589,7 +592,7 @@ class Trainer:
                     self._episode_updates += 1
                     self._sums = {k: self._sums.get(k, 0.0) + v for k, v in metrics.items()}
                     if self.arr is not None and self.arr.previous is None:
-                        self.arr.start(self.agent.fau.mean("critic"))
+                        self.arr.start(self.agent.fau.mean("critic"), self.episode)
             obs, reward, terminated, truncated, _ = self.env.step(action)
             self.replay.add(action, reward, terminated, truncated, obs)
             self.frame += self.repeat
@@ -814,7 +817,10 @@ class DrQV2ARR(DrQV2):
     """DrQ-v2 with Adaptive Replay Ratio: 0.5, then 2 once the critic's FAU settles (Ma et al. 2024)."""
 
     name = "drqv2-arr"
-    presets = {"smoke": SMOKE, "quick": {**QUICK, "arr_interval_episodes": 5}}
+    # quick: the paper's 50-episode interval rescaled to 5 (40 episodes in the budget), counted from the first
+    # update: counted from the first episode, the first check (episode 5) would compare the first update's FAU with
+    # one episode of training (the 4,000 seed frames fill episodes 1-4), which let session 6's seed 0 switch at once
+    presets = {"smoke": SMOKE, "quick": {**QUICK, "arr_interval_episodes": 5, "arr_from_first_update": True}}
 
     @dataclass
     class Config(Config):

@@ -142,14 +142,20 @@ class AdaptiveReplayRatio:
     """ARR's switch rule (Ma et al. 2024, Sec. 6): every ``interval`` episodes compare the critic's FAU with its
     value at the previous check (the first: the FAU of the first update) and switch once from ``low`` to ``high``
     when ``|change| <= threshold``. The FAU compared at a check is the mean over the last episode's updates, as in
-    the authors' ``train_adapt_rr.py``."""
+    the authors' ``train_adapt_rr.py``, which counts the interval from the run's first episode (seed episodes
+    included). With ``from_first_update`` the interval counts from the episode of the first update instead, so the
+    first check sees ``interval`` episodes of training: a rescaled interval of a few episodes (the quick preset)
+    would otherwise compare the first update's FAU with one episode of training, too early for a critic to move."""
 
     low: float = 0.5
     high: float = 2.0
     interval: int = 50
     threshold: float = 0.001
+    from_first_update: bool = False
     previous: float | None = None
     """Critic FAU at the previous check (before the first: the first update's)."""
+    first_update_episode: int | None = None
+    """Episodes completed when the first update was made."""
     switched_at: int | None = None
     """Frame of the switch, once it happened."""
 
@@ -161,15 +167,19 @@ class AdaptiveReplayRatio:
     def ratio(self) -> float:
         return self.low if self.switched_at is None else self.high
 
-    def start(self, first_fau: float | None) -> None:
-        """Give the FAU of the first update (later calls are ignored)."""
+    def start(self, first_fau: float | None, episode: int = 0) -> None:
+        """Give the FAU of the first update, made after ``episode`` completed episodes (later calls are
+        ignored)."""
         if self.previous is None and first_fau is not None:
-            self.previous = float(first_fau)
+            self.previous, self.first_update_episode = float(first_fau), int(episode)
 
     def end_episode(self, episode: int, fau: float | None, frame: int) -> bool:
         """After the ``episode``-th episode (1-based) with the critic's mean FAU ``fau`` over its updates; True
         exactly when the ratio switches now."""
-        if self.switched_at is not None or self.previous is None or fau is None or episode % self.interval:
+        if self.switched_at is not None or self.previous is None or fau is None:
+            return False
+        counted = episode - (self.first_update_episode or 0) if self.from_first_update else episode
+        if counted <= 0 or counted % self.interval:
             return False
         change, self.previous = abs(float(fau) - self.previous), float(fau)
         if change <= self.threshold:

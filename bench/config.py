@@ -150,6 +150,20 @@ def config_to_dict(config: Any) -> dict[str, Any] | None:
     return None if config is None else dataclasses.asdict(config)
 
 
+OMIT_DEFAULT_FROM_RUN_ID = {"run_id": "omit-default"}
+"""``dataclasses.field(metadata=...)`` for a config field added after runs were stored: at its default value it is
+left out of the run id (:func:`run_id_omissions`), so those runs, which behaved as the default does, keep their
+ids and a sweep's resume still finds them; any other value is part of the id as usual."""
+
+
+def run_id_omissions(config: Any) -> tuple[str, ...]:
+    """Names of ``config``'s fields marked :data:`OMIT_DEFAULT_FROM_RUN_ID` that hold their default."""
+    if config is None:
+        return ()
+    return tuple(f.name for f in dataclasses.fields(config)
+                 if f.metadata.get("run_id") == "omit-default" and getattr(config, f.name) == f.default)
+
+
 def parse_set_args(items: list[str]) -> dict[str | None, dict[str, str]]:
     """``["lr=1e-4", "drqv2.batch=64"]`` -> ``{None: {"lr": "1e-4"}, "drqv2": {"batch": "64"}}``."""
     out: dict[str | None, dict[str, str]] = {}

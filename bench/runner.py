@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from bench.config import check_preset, config_to_dict, resolve_config
+from bench.config import check_preset, config_to_dict, resolve_config, run_id_omissions
 from bench.method import ArtifactCache, RunContext, RunLogger, stable_hash, support_reason
 from bench.methods import get_method, method_registry
 from bench.registry import AdaptBenchError, UnknownNameError
@@ -145,10 +145,14 @@ class Cell:
     overrides: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     budget: dict[str, Any] | None = field(default=None, hash=False)
     """The task's budget at ``preset`` (part of the id: a changed budget is a new run, never a stale skip)."""
+    id_omit: tuple[str, ...] = field(default=(), hash=False, compare=False)
+    """Config fields the id leaves out (:func:`bench.config.run_id_omissions`: later fields at their default)."""
 
     @property
     def run_id(self) -> str:
-        key = {"method": self.method, "config": self.config, "task": self.task, "seed": self.seed,
+        config = self.config if self.config is None else {
+            k: v for k, v in self.config.items() if k not in self.id_omit}
+        key = {"method": self.method, "config": config, "task": self.task, "seed": self.seed,
                "preset": self.preset}
         if self.budget is not None:
             key["budget"] = self.budget
@@ -211,7 +215,8 @@ def make_plan(
                 continue
             config, own = configs[m]
             for s in seeds:
-                cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget))
+                cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget,
+                                  run_id_omissions(config)))
     return plan_dedup(Plan(cells, skipped, preset))
 
 

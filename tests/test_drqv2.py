@@ -70,6 +70,7 @@ def test_quick_arr_interval_is_a_recorded_deviation():
     method = DrQV2ARR()
     deviations = paper_deviations(method, resolve_config(method, "quick"))
     assert deviations["arr_interval_episodes"] == [50, 5]
+    assert deviations["arr_from_first_update"] == [False, True]
     assert paper_deviations(method, resolve_config(method, "paper")) == {}
 
 
@@ -346,6 +347,32 @@ def test_arr_switches_once_when_fau_settles():
     clone.load_state_dict(arr.state_dict())
     assert clone == arr
     assert not AdaptiveReplayRatio(interval=1).end_episode(1, None, 0)
+
+
+def test_arr_interval_counted_from_the_first_update():
+    """Updates start after 4 seed episodes. Counted from the run's start (the reference) the first check, at
+    episode 5, compares the first update's FAU with one episode of training; counted from the first update it is
+    at episode 9, after 5 episodes of training, then every 5."""
+    faus = {ep: 0.5 for ep in range(5, 30)}  # a critic whose FAU has not moved from the first update's 0.5
+    for from_first, first_check in ((False, 5), (True, 9)):
+        arr = AdaptiveReplayRatio(interval=5, threshold=0.001, from_first_update=from_first)
+        for ep in range(1, 5):
+            assert not arr.end_episode(ep, None, ep * 1000)  # seed episodes: no update, no FAU
+        arr.start(0.5, episode=4)
+        switched = [ep for ep, fau in faus.items() if arr.end_episode(ep, fau, ep * 1000)]
+        assert switched == [first_check] and arr.switched_at == first_check * 1000
+    arr = AdaptiveReplayRatio(interval=5, from_first_update=True)
+    arr.start(0.5, episode=4)
+    checked = []
+    for ep in range(5, 30):
+        before = arr.previous
+        arr.end_episode(ep, 0.5 + ep / 100, ep * 1000)  # moving: never switches, every check updates `previous`
+        if arr.previous != before:
+            checked.append(ep)
+    assert checked == [9, 14, 19, 24, 29] and arr.switched_at is None
+    clone = AdaptiveReplayRatio()
+    clone.load_state_dict(arr.state_dict())
+    assert clone == arr and clone.first_update_episode == 4
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint

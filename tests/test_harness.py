@@ -277,6 +277,30 @@ def test_config_presets_and_overrides_change_run_id(test_methods):
         make_plan(["random"], ["DarkRoom-v0"], [0], "smoke", {None: {"lr": "0.1"}})
 
 
+def test_a_later_config_field_at_its_default_keeps_stored_run_ids():
+    """A field marked OMIT_DEFAULT_FROM_RUN_ID stays out of the id at its default (a run stored before the field
+    existed is found again) and is part of it otherwise."""
+    import dataclasses
+
+    from bench.config import OMIT_DEFAULT_FROM_RUN_ID, config_to_dict, run_id_omissions
+    from bench.runner import Cell
+
+    @dataclass
+    class Old:
+        lr: float = 1e-3
+
+    @dataclass
+    class New(Old):
+        later: bool = dataclasses.field(default=False, metadata=OMIT_DEFAULT_FROM_RUN_ID)
+
+    def run_id(cfg) -> str:
+        return Cell("m", "DarkRoom-v0", 0, "quick", config_to_dict(cfg), {}, None, run_id_omissions(cfg)).run_id
+
+    assert run_id(New()) == run_id(Old()) and run_id_omissions(New()) == ("later",)
+    assert run_id(New(later=True)) != run_id(Old()) and run_id_omissions(New(later=True)) == ()
+    assert run_id(New(lr=1.0)) != run_id(New())
+
+
 def test_budget_is_part_of_the_run_id_and_eval_trials_repeat_the_test_split():
     import dataclasses
     from types import SimpleNamespace

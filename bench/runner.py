@@ -221,12 +221,15 @@ def make_plan(
 
 
 def plan_dedup(plan: Plan) -> Plan:
+    """Drop repeated cells, and put the cells of evaluation-only variants (methods with a ``trains_as``: they
+    evaluate another method's trained model from the artifact cache) after all others: run beside the run that
+    trains their model, one would wait on the cache's lock and leave its worker idle."""
     seen, cells = set(), []
     for c in plan.cells:
         if c.run_id not in seen:
             seen.add(c.run_id)
             cells.append(c)
-    plan.cells = cells
+    plan.cells = sorted(cells, key=lambda c: getattr(get_method(c.method), "trains_as", None) is not None)
     return plan
 
 

@@ -14,7 +14,7 @@ import pytest
 from bench.cli import main
 from bench.config import ConfigError, apply_overrides, parse_set_args, resolve_config
 from bench.method import ArtifactCache, RunLogger
-from bench.methods import method_registry
+from bench.methods import get_method, method_registry
 from bench.registry import AdaptBenchError, DuplicateNameError, Registry, UnknownNameError
 from bench.runner import make_plan
 from bench.store import CorruptRecordError, ResultsStore
@@ -511,6 +511,9 @@ def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     assert ("ad-ctx0.5", "AdversarialBandit-v0") not in pairs and ("rl2", "DarkRoom-v0") not in pairs  # blocks
     assert ("ad-keep0.9", "DarkKeyToDoor-v0") in pairs and ("ad-keep0.9", "AdversarialBandit-v0") not in pairs
     assert ("ed-prompt", "DarkRoom-v0") in pairs and ("ed-prompt", "DarkKeyToDoor-v0") not in pairs
+    # evaluation-only variants (trains_as) run after every training run, never beside their own model's training
+    order = [getattr(get_method(c.method), "trains_as", None) is not None for c in plan.cells]
+    assert order == sorted(order) and any(order)
     only = suite_plan(suite, [0], "smoke", {}, tasks=["DarkRoom-v0"])  # a filter, block by block
     assert {c.task for c in only.cells} == {"DarkRoom-v0"}
     with pytest.raises(AdaptBenchError, match="no block"):

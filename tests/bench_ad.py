@@ -3,9 +3,10 @@
 Run: ``python -m pytest tests/bench_ad.py --benchmark-only -p no:cacheprovider`` (the default addopts skip
 benchmarks). Both are measured in one run, on the quick preset's model and Dark Room context (4 episodes = 80
 steps), over 32 Dark Room goals at once (the 17 held-out ones and 15 train ones; the issue's reference setting),
-through :func:`baselines.ad.evaluate_in_context` (environment stepping and action sampling included). 200 steps
-per round (10 episodes) make the cache refill twice at ``ad``'s ``slide_keep`` 0.5 (more often at the 0.75 and 0.9
-of ``ad-keep0.75`` / ``ad-keep0.9``, which re-prefill a longer context more often). The ratio of steps/s is
+through :func:`baselines.ad.evaluate_in_context` (environment stepping and action sampling included). 400 steps
+per round (20 episodes; a quick run evaluates 100) are mostly with a full context, as an evaluation is, and make
+the cache refill 8 times at ``ad``'s ``slide_keep`` 0.5 (more often at the 0.75 and 0.9 of ``ad-keep0.75`` /
+``ad-keep0.9``, which re-prefill a longer context more often). The ratio of steps/s is
 reported for each and asserted >= 10x at ``ad``'s setting; training throughput (tokens/s) is reported only.
 """
 
@@ -26,7 +27,7 @@ from tests.test_ad import synthetic_histories
 
 SPEC = get_task("DarkRoom-v0")
 GOALS = SPEC.test_split("quick") + SPEC.train_split("quick")[:15]
-EPISODES = 10
+EPISODES = 20
 MIN_RATIO = 10.0
 
 

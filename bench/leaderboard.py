@@ -29,6 +29,7 @@ from bench.store import CorruptRecordError, ResultsStore
 EVAL_KEY = "eval/return"
 FAU_KEY = "fau/critic"
 ARR_SWITCH_KEY = "charts/arr_switch_frame"
+PROMPT_KEY = "charts/prompt_return"  # mean raw return of the demonstration episodes of a prompted evaluation
 PLATEAU_MIN_FINAL = 5.0
 """Episodes to plateau are reported only for a final normalised score above this (random's final is ~0)."""
 
@@ -57,6 +58,9 @@ def run_scores(record) -> tuple[dict, pd.DataFrame]:
         k = max(1, math.ceil(0.1 * len(score)))
         row.update(first=float(score[0]), final=float(score[-k:].mean()), raw_final=float(raw[-k:].mean()))
         row["improvement"] = row["final"] - row["first"]
+        prompt = curve[curve["key"] == PROMPT_KEY]["value"].to_numpy(dtype=float)  # demonstration prompting
+        row["prompt"] = float(scoring.normalize(prompt, refs["random"], refs["reference"]).mean()) if len(
+            prompt) else np.nan
         # defined only above the random level's noise (random's final is ~0 +- a few points)
         row["plateau"] = scoring.episodes_to_plateau(score, min_final=PLATEAU_MIN_FINAL)
     else:
@@ -232,8 +236,10 @@ def experiment_runs(runs: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
 
 def experiment_table(runs: pd.DataFrame, exp: Experiment, seed: int, reps: int) -> pd.DataFrame:
     """Methods in the experiment's order; per task the final normalised score (mean and 95% CI over seeds) with
-    the raw return, the in-context first episode or the critic's final FAU, and the seeds."""
+    the raw return, the in-context first episode or the critic's final FAU, and the seeds; where runs were prompted
+    with demonstrations, the prompt's normalised score."""
     rows = []
+    prompted = "prompt" in runs and runs["prompt"].notna().any()
     for m in [m for m in exp.methods if m in set(runs["method"])]:
         for t in [t for t in exp.tasks if t in set(runs["task"])]:
             g = runs[(runs["method"] == m) & (runs["task"] == t)]
@@ -246,6 +252,8 @@ def experiment_table(runs: pd.DataFrame, exp: Experiment, seed: int, reps: int) 
 
             row = {"method": m, "task": t, "final": ci("final"), "raw final": f"{g['raw_final'].mean():.4g}"}
             if g["family"].iloc[0] == "in-context":
+                if prompted:  # the demonstrator's level, beside what the model made of it
+                    row["demonstration prompt"] = ci("prompt")
                 row.update({"first episode": ci("first"), "in-context impr.": ci("improvement")})
             else:
                 row["critic FAU (end)"] = ci("fau_critic", 3)

@@ -6,6 +6,7 @@ every title.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,10 @@ import seaborn as sns  # noqa: E402
 from bench import scoring  # noqa: E402
 from bench.leaderboard import score_matrices  # noqa: E402
 
+
+def _wrap(title: str, fig: plt.Figure) -> str:
+    """``title`` broken into lines that fit ``fig``'s width at a 10-pt font (a long block title was clipped)."""
+    return textwrap.fill(title, max(40, int(fig.get_figwidth() * 13)))
 
 def method_palette(methods) -> dict[str, tuple[float, float, float]]:
     """One colour per method name, the same in every plot (methods sorted by name)."""
@@ -156,10 +161,15 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
         plt.close(fig)
         paths.append(path)
 
+    from bench.runner import headline_methods
+
     with sns.axes_style("whitegrid"):
         for (family, preset), g in curves.groupby(["family", "preset"], sort=True):
             tag = f"{family}-{preset}"
-            fig = (in_context_curves if family == "in-context" else control_curves)(g, preset)
+            # the headline suites' methods (ablation variants have their experiments' figures); all if none is one
+            headline = g[g["method"].isin(headline_methods())]
+            fig = (in_context_curves if family == "in-context" else control_curves)(
+                headline if not headline.empty else g, preset)
             save(fig, f"{tag}-curves.png")
             r = runs[(runs["family"] == family) & (runs["preset"] == preset)]
             matrices = score_matrices(r)
@@ -191,13 +201,13 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
                            & curves["task"].isin(exp.tasks)]
                 in_context = r["family"].iloc[0] == "in-context"
                 fig = (in_context_curves if in_context else control_curves)(c, preset)
-                fig.suptitle(f"{exp.title} — preset `{preset}`", fontsize=10)
+                fig.suptitle(_wrap(f"{exp.title} — preset `{preset}`", fig), fontsize=10)
                 save(fig, f"{exp.tag}-{preset}-curves.png")
                 e = extras[(extras["preset"] == preset) & extras["method"].isin(exp.methods)
                            & extras["task"].isin(exp.tasks)] if not extras.empty else extras
                 if not in_context and not e.empty and (e["key"] == "fau/critic").any():
                     fig = metric_curves(e, "fau/critic", preset, "critic fraction of active units")
-                    fig.suptitle(f"Critic FAU: {exp.title} — preset `{preset}`", fontsize=10)
+                    fig.suptitle(_wrap(f"Critic FAU: {exp.title} — preset `{preset}`", fig), fontsize=10)
                     save(fig, f"{exp.tag}-{preset}-fau-critic.png")
     overview = fau_overview(extras)
     if overview is not None:

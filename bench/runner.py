@@ -46,6 +46,9 @@ class Suite:
     ablation suite pairs each experiment's methods with its own tasks this way."""
     experiments: tuple[tuple[str, str], ...] = ()
     """``(name, title)`` of each block, in ``parts`` order (``name`` defaults to ``part<k>``, ``title`` to it)."""
+    headline: bool = False
+    """A headline suite (``headline = true``): the leaderboard's per-family curves show its methods, and the
+    ablation variants it drops are left to their experiments' own figures."""
 
 
 @cache
@@ -60,7 +63,22 @@ def suites() -> dict[str, Suite]:
                             for k, p in enumerate(s.get("parts", [])))
         methods = tuple(dict.fromkeys(m for ms, _ in parts for m in ms))
         tasks = tuple(dict.fromkeys(t for _, ts in parts for t in ts))
-        out[name] = Suite(name, s["description"], s["preset"], methods, tasks, int(s["seeds"]), parts, experiments)
+        out[name] = Suite(name, s["description"], s["preset"], methods, tasks, int(s["seeds"]), parts, experiments,
+                          bool(s.get("headline", False)))
+    return out
+
+
+def headline_methods() -> set[str]:
+    """The methods that a headline suite runs: listed by it (plugins included through its ``"*"``) and supporting
+    at least one of its tasks."""
+    from tasks import get_task
+
+    out = set()
+    for s in suites().values():
+        if s.headline:
+            specs = [get_task(t) for t in expand_tasks(list(s.tasks))]
+            out |= {m for m in expand_methods(list(s.methods))
+                    if any(support_reason(get_method(m), spec) is None for spec in specs)}
     return out
 
 

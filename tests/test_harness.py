@@ -493,6 +493,15 @@ def test_a_second_driver_waits_for_a_running_cell_and_does_not_repeat_it(tmp_pat
         reg._entries.pop("test-counted", None)
 
 
+def test_headline_methods_leave_ablation_variants_to_their_experiments():
+    """The per-family curves show the headline suites' methods: those they list that run one of their tasks."""
+    from bench.runner import headline_methods
+
+    shown = headline_methods()
+    assert {"ad", "ed", "rl2", "source-a2c", "random", "oracle", "drqv2", "drqv2-noaug", "drqv2-arr"} <= shown
+    assert not shown & {"ad-ctx1", "ad-keep0.9", "ad-prompt", "ed-prompt", "drqv2-noaug-wd", "drqv2-frozen"}
+
+
 def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     from bench.runner import expand_methods, get_suite, suite_plan
 

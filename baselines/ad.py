@@ -758,12 +758,13 @@ def _variant(cls_name: str, name: str, doc: str, defaults: dict[str, Any],
     """``base`` (AD unless given) registered as ``name`` whose config defaults ``defaults`` hold at every preset
     (the presets drop those fields); the rest is ``base``. ``attrs`` are further class attributes
     (``trains_as``)."""
-    fields = Config.__dataclass_fields__
-    config = dataclass(type(f"{cls_name}Config", (Config,), {
+    base = base or AlgorithmDistillation
+    fields = base.Config.__dataclass_fields__
+    config = dataclass(type(f"{cls_name}Config", (base.Config,), {
         "__module__": __name__, "__annotations__": {k: fields[k].type for k in defaults}, **defaults}))
-    return type(cls_name, (base or AlgorithmDistillation,), {
+    return type(cls_name, (base,), {
         "__module__": __name__, "__doc__": doc, "name": name, "Config": config,
-        "presets": _without(PRESETS, *defaults), **attrs})
+        "presets": _without(base.presets, *defaults), **attrs})
 
 
 def _context_variant(episodes: float) -> type[AlgorithmDistillation]:

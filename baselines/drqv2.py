@@ -40,7 +40,7 @@ from baselines.plasticity import (
     snapshot,
 )
 from baselines.replay import CheckpointError, FrameReplay, RunCheckpoints
-from bench.config import OMIT_DEFAULT_FROM_RUN_ID
+from bench.config import OMIT_DEFAULT_FROM_RUN_ID, identity_dict, run_id_omissions
 from bench.evaluation import EVAL_KEY, control_eval_points, evaluate_episodes
 from bench.method import RunContext, RunLogger
 from bench.registry import AdaptBenchError
@@ -653,7 +653,9 @@ class Trainer:
         if found is None:
             return
         state, tensors = found
-        if state["config"] != json.loads(json.dumps(dataclasses.asdict(self.cfg))):
+        omit = run_id_omissions(self.cfg)  # a checkpoint written before a later field existed lacks it
+        saved = {k: v for k, v in state["config"].items() if k not in omit}
+        if saved != json.loads(json.dumps(identity_dict(self.cfg))):
             raise CheckpointError(f"checkpoint in {self.checkpoints.root} was written with another config; delete "
                                   f"it to start afresh")
         self.checkpoints.load_replay(self.replay, state)
@@ -735,7 +737,7 @@ def pretrained_encoder(ctx: RunContext, cfg: Config) -> dict[str, torch.Tensor]:
     pre = pretrain_config(cfg)
     budget = dataclasses.replace(ctx.budget, eval_every=0)  # no evaluation rows are made (see _Pretraining)
     key = {"kind": "drqv2-encoder", "format": ENCODER_FORMAT, "task": ctx.task.id, "task_version": ctx.task.version,
-           "preset": ctx.preset, "budget": dataclasses.asdict(budget), "config": dataclasses.asdict(pre),
+           "preset": ctx.preset, "budget": dataclasses.asdict(budget), "config": identity_dict(pre),
            "seed": PRETRAIN_SEED}
     name = f"drqv2-encoder-{ctx.task.id}"
     target = ctx.cache.path_for(name, key)

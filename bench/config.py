@@ -164,6 +164,14 @@ def run_id_omissions(config: Any) -> tuple[str, ...]:
                  if f.metadata.get("run_id") == "omit-default" and getattr(config, f.name) == f.default)
 
 
+def identity_dict(config: Any) -> dict[str, Any]:
+    """``config`` as a dict without the fields of :func:`run_id_omissions`: what a run id, a checkpoint's config
+    check or an artifact key compares, so a checkpoint or artifact written before those fields existed still
+    matches."""
+    omit = set(run_id_omissions(config))
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in omit}
+
+
 def parse_set_args(items: list[str]) -> dict[str | None, dict[str, str]]:
     """``["lr=1e-4", "drqv2.batch=64"]`` -> ``{None: {"lr": "1e-4"}, "drqv2": {"batch": "64"}}``."""
     out: dict[str | None, dict[str, str]] = {}

@@ -163,11 +163,12 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
 
     from bench.runner import headline_methods
 
+    shown = headline_methods()
     with sns.axes_style("whitegrid"):
         for (family, preset), g in curves.groupby(["family", "preset"], sort=True):
             tag = f"{family}-{preset}"
             # the headline suites' methods (ablation variants have their experiments' figures); all if none is one
-            headline = g[g["method"].isin(headline_methods())]
+            headline = g[g["method"].isin(shown)]
             fig = (in_context_curves if family == "in-context" else control_curves)(
                 headline if not headline.empty else g, preset)
             save(fig, f"{tag}-curves.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -448,9 +449,55 @@ def test_checkpoint_written_with_another_config_is_refused(tmp_path):
     other = Trainer(_ctx(tmp_path / "ckpt", tmp_path / "cache", other_cfg), other_cfg)
     with pytest.raises(drqv2.CheckpointError, match="another config"):
         other.resume()
-    for t in (trainer, other):
+    # a checkpoint written before a later field (OMIT_DEFAULT_FROM_RUN_ID) existed still resumes at its default...
+    (state_file,) = (tmp_path / "ckpt").glob("ckpt-*/state.json")
+    state = json.loads(state_file.read_text())
+    del state["config"]["arr_from_first_update"]
+    state_file.write_text(json.dumps(state))
+    same = Trainer(_ctx(tmp_path / "ckpt", tmp_path / "cache", cfg), cfg)
+    same.resume()
+    # ...and is refused by a run that sets the field
+    later_cfg = dataclasses.replace(cfg, arr_from_first_update=True)
+    later = Trainer(_ctx(tmp_path / "ckpt", tmp_path / "cache", later_cfg), later_cfg)
+    with pytest.raises(drqv2.CheckpointError, match="another config"):
+        later.resume()
+    for t in (trainer, other, same, later):
         t.env.close()
         t.eval_env.close()
+
+
+def test_arr_flag_keeps_the_stored_drqv2_run_ids():
+    """``arr_from_first_update`` came after the committed runs: at its default it stays out of the run id (the
+    plan finds those runs), and drqv2-arr's quick preset, which sets it, gets new ids."""
+    from bench.runner import make_plan
+
+    cell = make_plan(["drqv2"], [TASK], [0], "quick").cells[0]
+    assert cell.config["arr_from_first_update"] is False and cell.id_omit == ("arr_from_first_update",)
+    before = dataclasses.replace(cell, config={k: v for k, v in cell.config.items() if k != "arr_from_first_update"},
+                                 id_omit=())
+    assert cell.run_id == before.run_id
+    arr = make_plan(["drqv2-arr"], [TASK], [0], "quick").cells[0]
+    assert arr.config["arr_from_first_update"] is True and arr.id_omit == ()
+
+
+@pytest.mark.slow
+def test_arr_before_its_switch_is_drqv2_and_counts_from_the_first_update(tmp_path):
+    """ARR that never switches (threshold below any FAU change) logs exactly DrQ-v2's curve, and the Trainer hands
+    the episode of the first update to the rule (3 seed episodes of 100 frames here)."""
+    cfg = dataclasses.replace(SMALL, seed_frames=300, batch_size=2)
+    arr_cfg = dataclasses.replace(cfg, arr=True, arr_interval_episodes=1, arr_threshold=0.0,
+                                  arr_from_first_update=True)
+    rows = []
+    for i, c in enumerate((cfg, arr_cfg)):
+        ctx = _ctx(tmp_path / f"ckpt{i}", tmp_path / "cache", c)
+        trainer = _ShortEpisodes(ctx, c)
+        trainer.train()
+        rows.append(pd.DataFrame(ctx.log.rows))
+    assert trainer.arr.from_first_update and trainer.arr.first_update_episode == 3
+    assert trainer.arr.switched_at is None and trainer.schedule.ratio == cfg.replay_ratio
+    a, b = rows
+    assert list(zip(a.step, a.key)) == list(zip(b.step, b.key))
+    np.testing.assert_array_equal(a.value.to_numpy(), b.value.to_numpy())
 
 
 def test_image_size_sets_the_rendered_observation(tmp_path):

@@ -502,6 +502,18 @@ def test_headline_methods_leave_ablation_variants_to_their_experiments():
     assert not shown & {"ad-ctx1", "ad-keep0.9", "ad-prompt", "ed-prompt", "drqv2-noaug-wd", "drqv2-frozen"}
 
 
+def test_headline_methods_survive_an_uninstalled_plugin(monkeypatch):
+    """A headline suite naming a method that is not installed drops out of the figure's choice; it never breaks
+    `bench leaderboard`."""
+    import bench.runner as runner
+
+    good = runner.suites()["icrl"]
+    bad = runner.Suite("mine", "a plugin's headline", "quick", ("no-such-plugin-method",), ("DarkRoom-v0",), 1,
+                       headline=True)
+    monkeypatch.setattr(runner, "suites", lambda: {"icrl": good, "mine": bad})
+    assert "ad" in runner.headline_methods() and "no-such-plugin-method" not in runner.headline_methods()
+
+
 def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     from bench.runner import expand_methods, get_suite, suite_plan
 

@@ -7,7 +7,8 @@ through :func:`baselines.ad.evaluate_in_context` (environment stepping and actio
 per round (20 episodes; a quick run evaluates 100) are mostly with a full context, as an evaluation is, and make
 the cache refill 8 times at ``ad``'s ``slide_keep`` 0.5 (more often at the 0.75 and 0.9 of ``ad-keep0.75`` /
 ``ad-keep0.9``, which re-prefill a longer context more often). The ratio of steps/s is
-reported for each and asserted >= 10x at ``ad``'s setting; training throughput (tokens/s) is reported only.
+reported for each, at one and two torch threads, and asserted >= 10x at ``ad``'s setting and one thread (see
+:func:`test_kv_cache_vs_recompute`); training throughput (tokens/s) is reported only.
 """
 
 from __future__ import annotations
@@ -44,8 +45,22 @@ def _eval_seconds(cfg: ad.Config, model: ad.ADTransformer) -> float:
     return time.perf_counter() - start
 
 
+@pytest.fixture
+def torch_threads(request):
+    """Run the test at ``request.param`` torch threads, restoring the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("keep", [ad.Config.slide_keep, 0.75, 0.9])
-def test_kv_cache_vs_recompute(benchmark, capsys: pytest.CaptureFixture, keep: float) -> None:
+def test_kv_cache_vs_recompute(benchmark, capsys: pytest.CaptureFixture, keep: float, torch_threads: int) -> None:
+    """The ratio is asserted at one torch thread, the harness's setting for an evaluation (one thread per worker,
+    two workers on two cores) and that of the issue's reference figures (~24 ms recomputing, ~1.8 ms cached). At two
+    threads it is reported only: the recomputed window's matmuls gain from the second core, the cached step (a
+    few hundred small ops) does not."""
     cfg, model = _quick_model(slide_keep=keep)
     core = load_target(SPEC.batched_core)(SPEC, GOALS)
     steps = EPISODES * SPEC.episode_length
@@ -56,13 +71,14 @@ def test_kv_cache_vs_recompute(benchmark, capsys: pytest.CaptureFixture, keep: f
     recompute_sps = steps / min(_eval_seconds(slow_cfg, model) for _ in range(2))
     ratio = cached_sps / recompute_sps
     benchmark.extra_info.update(context_steps=model.context_len, tasks=core.num_envs, slide_keep=keep,
+                                threads=torch_threads,
                                 cached_steps_per_s=cached_sps,
                                 recompute_steps_per_s=recompute_sps, ratio=ratio)
     with capsys.disabled():
         print(f"\nAD in-context evaluation, {core.num_envs} tasks, context {model.context_len} steps, "
-              f"slide_keep {keep}: cached {cached_sps:.0f} steps/s, recompute {recompute_sps:.0f} steps/s, "
-              f"ratio {ratio:.1f}x")
-    if keep == ad.Config.slide_keep:  # the headline method's evaluation; the variants' cost is reported
+              f"slide_keep {keep}, {torch_threads} thread(s): cached {cached_sps:.0f} steps/s, recompute "
+              f"{recompute_sps:.0f} steps/s, ratio {ratio:.1f}x")
+    if keep == ad.Config.slide_keep and torch_threads == 1:  # the headline method's evaluation, as the harness runs it
         assert ratio >= MIN_RATIO
 
 

@@ -26,6 +26,7 @@ def _wrap(title: str, fig: plt.Figure) -> str:
     """``title`` broken into lines that fit ``fig``'s width at a 10-pt font (a long block title was clipped)."""
     return textwrap.fill(title, max(40, int(fig.get_figwidth() * 13)))
 
+
 def method_palette(methods) -> dict[str, tuple[float, float, float]]:
     """One colour per method name, the same in every plot (methods sorted by name)."""
     names = sorted(set(methods))

@@ -282,6 +282,27 @@ def test_prompt_variants_evaluate_their_bases_model_after_a_demonstration() -> N
             assert {k for k, v in vars(cfg).items() if vars(ref)[k] != v} == {"prompt_episodes", "prompt_epsilon"}
 
 
+def test_prompted_run_logs_the_demonstrators_level_and_the_leaderboard_shows_it(tmp_path) -> None:
+    """A prompted ED run (smoke) reuses ed's model, logs the prompt's return, and the experiment table gives its
+    normalised score in a column of its own (absent for the unprompted run)."""
+    from bench.leaderboard import Experiment, experiment_table, load_scores
+
+    res, cache = tmp_path / "results", tmp_path / "cache"
+    args = ["--tasks", "DarkRoom-v0", "--seeds", "1", "--preset", "smoke", "--results-dir", str(res),
+            "--cache-dir", str(cache)]
+    assert main(["run", "--methods", "ed,ed-prompt", *args]) == 0
+    assert len([p for p in (cache / "artifacts").glob("model-*") if not p.name.endswith(".lock")]) == 1
+    store = ResultsStore(res)
+    curves = {store.read_meta(i)["method"]: store.read(i).curve for i in store.run_ids()}
+    assert (curves["ed-prompt"]["key"] == "charts/prompt_return").sum() == 1
+    assert not (curves["ed"]["key"] == "charts/prompt_return").any()
+    runs = load_scores(res)[0].set_index("method")
+    assert np.isfinite(runs.loc["ed-prompt", "prompt"]) and np.isnan(runs.loc["ed", "prompt"])
+    table = experiment_table(runs.reset_index(), Experiment("s", "e", "t", ["ed", "ed-prompt"], ["DarkRoom-v0"]),
+                             0, 200).set_index("method")
+    assert table.loc["ed", "demonstration prompt"] == "–" and table.loc["ed-prompt", "demonstration prompt"] != "–"
+
+
 def test_cli_refuses_short_context(tmp_path, capsys, synthetic_data) -> None:
     common = ["--preset", "smoke", "--seeds", "1", "--results-dir", str(tmp_path / "r"),
               "--cache-dir", str(tmp_path / "c")]

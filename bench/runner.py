@@ -173,7 +173,8 @@ class Cell:
     budget: dict[str, Any] | None = field(default=None, hash=False)
     """The task's budget at ``preset`` (part of the id: a changed budget is a new run, never a stale skip)."""
     id_omit: tuple[str, ...] = field(default=(), hash=False, compare=False)
-    """Config fields the id leaves out (:func:`bench.config.run_id_omissions`: later fields at their default)."""
+    """Config fields the id leaves out (:func:`bench.config.run_id_omissions`: later fields at their default;
+    :func:`run_id_ignored`: fields the task's runs do not read)."""
 
     @property
     def run_id(self) -> str:
@@ -241,10 +242,18 @@ def make_plan(
                 skipped.append((m, t, reason))
                 continue
             config, own = configs[m]
+            omit = run_id_omissions(config) + run_id_ignored(get_method(m), spec)
             for s in seeds:
-                cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget,
-                                  run_id_omissions(config)))
+                cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget, omit))
     return plan_dedup(Plan(cells, skipped, preset))
+
+
+def run_id_ignored(method: Any, spec: Any) -> tuple[str, ...]:
+    """Config fields ``method`` says ``spec``'s runs do not read (its optional ``run_id_ignores(task)``), left out
+    of their run ids: a field added for one kind of task then leaves the stored runs of the others where they are.
+    """
+    hook = getattr(method, "run_id_ignores", None)
+    return tuple(hook(spec)) if hook is not None else ()
 
 
 def plan_dedup(plan: Plan) -> Plan:

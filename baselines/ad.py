@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.grid import GridEmbedding, env_grid_size, grid_fields_ignored
 from baselines.plasticity import FAUMonitor, watch_layers
 from bench.config import ConfigError
 from bench.evaluation import eval_tasks, log_in_context
@@ -111,7 +112,7 @@ class Config:
     """Grid tasks only: add a learned table entry per cell to the column + row embedding of the agent's (x, y).
     Off (the paper's (x, y) observation): with a per-cell entry the model tied "stay on the reward" to the cells of
     the 64 train goals and left held-out Dark Room goals it had found (quick, seed 0: 62.9 with, 84.3 without; see
-    :class:`GridEmbedding`). Tasks without a grid ignore it, and their run ids leave it out."""
+    :mod:`baselines.grid`). Tasks without a grid ignore it, and their run ids leave it out."""
     partial_context: bool = False
     """Ablation switch (paper Fig. 7): permit a context shorter than one episode, which AD cannot learn across
     episodes with; off, such a context is refused with an explanation"""
@@ -209,29 +210,6 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     bits = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
     keep = bits.view(torch.uint8)[:n].view(x.shape) >= threshold
     return x * keep * (256.0 / (256 - threshold))
-
-
-class GridEmbedding(nn.Module):
-    """Cell index ``y * size + x`` -> one table entry for the column ``x`` plus one for the row ``y`` (a linear
-    embedding of one-hot ``x`` and ``y``), and with ``cell_table`` one more per cell.
-
-    The paper's Dark Room agent observes its ``(x, y)`` position (Sec. 5); the tasks encode it as one index. The
-    row and column tables give the model that geometry back: reading "the goal is up and to the right" from a
-    rewarded cell in context then generalises to goals never seen in training. A per-cell table undoes that: every
-    cell gets an identity of its own, and the model learnt to stay on a reward only at the train goals' cells. On
-    Dark Room (quick, seed 0, per held-out goal over 4 trials) AD with it found goals such as (7, 0), (7, 3), (7, 7)
-    in its first 20 episodes and scored ~0 on them over the last 10; without it the same goals end at 81-103.
-    """
-
-    def __init__(self, size: int, out_dim: int, cell_table: bool = False) -> None:
-        super().__init__()
-        self.size = size
-        self.x, self.y = nn.Embedding(size, out_dim), nn.Embedding(size, out_dim)
-        self.cell = nn.Embedding(size * size, out_dim) if cell_table else None
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        out = self.x(obs % self.size) + self.y(obs // self.size)
-        return out if self.cell is None else out + self.cell(obs)
 
 
 class Block(nn.Module):
@@ -375,24 +353,12 @@ class ADTransformer(nn.Module):
         return self.head(self.ln_f(x))[:, 0]
 
 
-def _spaces(spec: TaskSpec) -> tuple[Any, Any, int | None]:
-    """Observation space, action space and grid size (``None``: not a grid) of ``spec``'s tasks."""
+def build_model(cfg: Config, spec: TaskSpec) -> ADTransformer:
     env = spec.make(spec.test_tasks[0])
-    obs_space, act_space, size = env.observation_space, env.action_space, getattr(env.unwrapped, "size", None)
+    obs_space, act_space, grid = env.observation_space, env.action_space, env_grid_size(env)
     env.close()
     num_obs = int(obs_space.n) if hasattr(obs_space, "n") else None
-    grid = size if isinstance(size, int) and num_obs == size * size else None  # cell = y * size + x
-    return obs_space, act_space, grid
-
-
-def build_model(cfg: Config, spec: TaskSpec) -> ADTransformer:
-    obs_space, act_space, grid = _spaces(spec)
-    num_obs = int(obs_space.n) if hasattr(obs_space, "n") else None
     return ADTransformer(cfg, cfg.context_len(spec), int(act_space.n), tuple(obs_space.shape or ()), num_obs, grid)
-
-
-GRID_ONLY_FIELDS = ("cell_embedding",)
-"""Config fields only a grid task's model reads (:class:`GridEmbedding`)."""
 
 
 # -- Data: windows of histories --------------------------------------------------------------------------------------
@@ -740,9 +706,7 @@ class AlgorithmDistillation:
     def run_id_ignores(self, task: TaskSpec) -> tuple[str, ...]:
         """Config fields ``task``'s runs do not read, left out of their run ids (:mod:`bench.runner`): the grid
         embedding's switch on tasks without a grid, whose stored runs keep their ids."""
-        if task.observation != "discrete" or task.batched_core is None:
-            return GRID_ONLY_FIELDS
-        return () if _spaces(task)[2] is not None else GRID_ONLY_FIELDS
+        return grid_fields_ignored(task)
 
     def prepare(self, ctx: RunContext) -> None:
         """Build the train tasks' dataset (learning histories; ED: expert episodes) once, before the runs: every

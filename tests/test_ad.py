@@ -414,3 +414,35 @@ def test_real_histories_end_to_end(tmp_path, capsys) -> None:
     store = ResultsStore(res)
     metas = [store.read_meta(i) for i in store.run_ids()]
     assert code == 0 and [m["status"] for m in metas] == ["ok", "ok"], [m["reason"] for m in metas]
+
+
+def test_grid_embedding_reads_x_and_y_and_a_cell_table_only_when_asked():
+    """The default embeds a Dark Room cell as column + row entries (the paper's (x, y)): two cells in one row
+    share that row's entry, so the embedding is additive in x and y; ``cell_embedding`` adds a per-cell table."""
+    spec = get_task("DarkRoom-v0")
+    cfg = dataclasses.replace(TINY, context_episodes=1.0)
+    emb = ad.build_model(cfg, spec).obs_emb
+    assert isinstance(emb, ad.GridEmbedding) and emb.cell is None
+    cells = torch.tensor([0 * 9 + 0, 0 * 9 + 3, 5 * 9 + 0, 5 * 9 + 3])  # (x, y) = (0,0), (3,0), (0,5), (3,5)
+    e = emb(cells)
+    torch.testing.assert_close(e[3] - e[2], e[1] - e[0])  # moving 3 columns is one vector, whatever the row
+    with_cells = ad.build_model(dataclasses.replace(cfg, cell_embedding=True), spec).obs_emb
+    assert with_cells.cell is not None and with_cells.cell.num_embeddings == 81
+    e = with_cells(cells)
+    assert not torch.allclose(e[3] - e[2], e[1] - e[0])
+
+
+def test_the_grid_switch_is_in_grid_tasks_run_ids_only():
+    """``cell_embedding`` (AD, ED, RL²) changes the run id of a Dark Room run and leaves that of a bandit or
+    pixel-maze run (whose model has no grid embedding) alone, so their stored runs are still found."""
+    from bench.runner import make_plan
+
+    def ids(method: str, task: str, **over: str) -> str:
+        plan = make_plan([method], [task], [0], "quick", {method: over} if over else None)
+        return plan.cells[0].run_id
+
+    for method in ("ad", "ed", "rl2"):
+        assert ids(method, "DarkRoom-v0") != ids(method, "DarkRoom-v0", cell_embedding="true")
+        assert ids(method, "DarkKeyToDoor-v0") != ids(method, "DarkKeyToDoor-v0", cell_embedding="true")
+        assert ids(method, "PixelWatermaze-v0") == ids(method, "PixelWatermaze-v0", cell_embedding="true")
+    assert ids("ad", "AdversarialBandit-v0") == ids("ad", "AdversarialBandit-v0", cell_embedding="true")

@@ -191,3 +191,21 @@ def test_smoke_run_end_to_end(task, tmp_path, cache_dir):
     assert list(evals["step"]) == list(range(get_task(task).budget("smoke").eval_episodes))
     train = curve[curve["axis"] == "env_step"]
     assert {"losses/policy", "losses/value", "charts/trial_return"} <= set(train["key"])
+
+
+def test_grid_tasks_embed_the_agents_x_and_y_and_other_discrete_tasks_a_table():
+    """On Dark Room RL² embeds the cell as (x, y) (:mod:`baselines.grid`), a per-cell table only with
+    ``cell_embedding``; a discrete observation without a grid keeps its ``nn.Embedding``."""
+    import gymnasium as gym
+
+    from baselines.grid import GridEmbedding, env_grid_size
+
+    env = get_task("DarkRoom-v0").make((0, 0))
+    grid = env_grid_size(env)
+    assert grid == 9
+    agent = RL2Agent(env.observation_space, 5, Config(**SMALL), grid)
+    assert isinstance(agent.obs_encoder, GridEmbedding) and agent.obs_encoder.cell is None
+    agent = RL2Agent(env.observation_space, 5, Config(**SMALL, cell_embedding=True), grid)
+    assert agent.obs_encoder.cell is not None
+    agent = RL2Agent(gym.spaces.Discrete(7), 5, Config(**SMALL))
+    assert type(agent.obs_encoder) is torch.nn.Embedding and agent.obs_encoder.num_embeddings == 7

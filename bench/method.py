@@ -123,7 +123,9 @@ class ArtifactCache:
 
     @contextlib.contextmanager
     def _lock(self, path: Path) -> Iterator[None]:
-        with file_lock(path.with_suffix(".lock")):
+        # the name plus ".lock", not with_suffix: "model-ad-ctx0.5-<hash>" would become "model-ad-ctx0.lock", one
+        # lock for every key of a name holding a dot, and runs of different seeds would wait on each other
+        with file_lock(path.with_name(path.name + ".lock")):
             yield
 
     def get_or_build(

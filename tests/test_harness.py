@@ -579,3 +579,15 @@ def test_histories_command_plots_and_refuses_control_tasks(tmp_path, capsys):
     assert out.is_file() and out.stat().st_size > 1000 and str(out) in capsys.readouterr().out
     assert main(["histories", "--tasks", "DMC-cartpole-swingup-v0", *common]) == 2
     assert "no learning histories" in capsys.readouterr().err
+
+
+def test_artifacts_of_a_dotted_name_lock_per_key(tmp_path):
+    """Each artifact has its own lock file, also when the name holds a dot (``model-ad-ctx0.5``): one lock per
+    name would make the runs of different seeds wait on each other's training."""
+    from bench.method import ArtifactCache
+
+    cache = ArtifactCache(tmp_path)
+    for seed in (0, 1):
+        cache.get_or_build("model-ad-ctx0.5", {"seed": seed}, lambda out: (out / "x").write_text("1"))
+    locks = sorted(p.name for p in tmp_path.glob("*.lock"))
+    assert len(locks) == 2 and all(name.startswith("model-ad-ctx0.5-") for name in locks), locks

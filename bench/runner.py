@@ -237,12 +237,13 @@ def make_plan(
         spec = get_task(t)
         budget = dataclasses.asdict(spec.budget(preset))
         for m in methods:
-            reason = support_reason(get_method(m), spec)
+            method = get_method(m)
+            reason = support_reason(method, spec)
             if reason is not None:
                 skipped.append((m, t, reason))
                 continue
             config, own = configs[m]
-            omit = run_id_omissions(config) + run_id_ignored(get_method(m), spec)
+            omit = run_id_omissions(config) + run_id_ignored(method, spec)
             for s in seeds:
                 cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget, omit))
     return plan_dedup(Plan(cells, skipped, preset))

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from baselines.grid import GridEmbedding, env_grid_size, grid_fields_ignored
 from baselines.plasticity import FAUMonitor, watch_layers
-from bench.evaluation import EVAL_KEY, eval_tasks
+from bench.evaluation import eval_tasks, log_in_context
 from bench.method import RunContext
 from bench.registry import AdaptBenchError, load_target
 from tasks.spec import TaskSpec
@@ -525,6 +525,5 @@ class RL2Method:
                             "rng": ctx.rng.bit_generator.state, "scaler": scaler.state(), **state}, tmp)
                 os.replace(tmp, ckpt)
         returns = evaluate(agent, spec, eval_tasks(ctx), ctx.budget.eval_episodes, gen, device)
-        for k, value in enumerate(returns.mean(axis=0)):
-            ctx.log(k, {EVAL_KEY: float(value)}, axis="episode")
+        log_in_context(ctx, returns)
         ctx.progress(1.0, "evaluated")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.evaluation import EVAL_KEY
+from bench.evaluation import log_in_context
 from bench.method import RunContext
 from bench.registry import AdaptBenchError, load_target
 from tasks.spec import TaskSpec
@@ -380,6 +380,4 @@ class SourceMethod:
 
         result = train_learners(core, cfg, ctx.seed, episode_length=spec.episode_length, episodes=episodes,
                                 progress=ctx.progress, on_update=on_update)
-        curve = np.array([r[:episodes] for r in result.episode_returns]).mean(axis=0)
-        for k, value in enumerate(curve):
-            ctx.log(k, {EVAL_KEY: float(value)}, axis="episode")
+        log_in_context(ctx, np.array([r[:episodes] for r in result.episode_returns]))  # (held-out tasks, episodes)

@@ -1,4 +1,4 @@
-"""The `bench` command line: list, run, leaderboard.
+"""The `bench` command line: list, run, leaderboard, histories, per-task.
 
 Exit status: 0 success, 1 some runs failed, 2 bad input (unknown names, invalid config, unwritable results).
 """
@@ -174,6 +174,27 @@ def cmd_histories(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_per_task(args: argparse.Namespace) -> int:
+    from bench.config import check_preset
+    from bench.methods import get_method
+    from bench.pertask import per_task_report
+
+    methods = _split(args.methods) or None
+    for name in methods or ():
+        get_method(name)  # an unknown name fails here, with close matches
+    report = per_task_report(args.results_dir, args.task, methods, check_preset(args.preset))
+    for line in report.messages:
+        print(line, file=sys.stderr)
+    text = report.markdown()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(args.out)
+    else:
+        print(text, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--cache-dir", default=_default_cache(), help="artifact cache holding the histories")
     hp.add_argument("--results-dir", default="results", help="plots go to RESULTS_DIR/plots")
     hp.set_defaults(func=cmd_histories)
+
+    pt = sub.add_parser("per-task", help="in-context return per held-out task (first, peak, final, found) of "
+                        "stored runs")
+    pt.add_argument("--task", required=True, help="an in-context task id")
+    pt.add_argument("--methods", action="append", help="comma-separated method names (default: every method "
+                    "with per-task rows)")
+    pt.add_argument("--preset", default="quick")
+    pt.add_argument("--results-dir", default="results")
+    pt.add_argument("--out", help="write the markdown table here instead of printing it")
+    pt.set_defaults(func=cmd_per_task)
     return p
 
 

@@ -3,7 +3,9 @@
 * In-context families: on each held-out task of the preset's test split, run ``budget.eval_trials``
   independent trials of ``budget.eval_episodes`` consecutive episodes (:func:`eval_tasks` lists them); row
   ``eval/return`` at ``axis="episode"``, step ``k`` = mean return over held-out tasks x trials of in-context
-  episode ``k``.
+  episode ``k``; beside it ``eval/task/<i>`` (:func:`task_key`), the return on held-out task ``i`` of the preset's
+  test split (mean over its trials), which ``bench per-task`` reads: a mean over tasks can hide tasks an agent
+  found and then lost.
 * Control families: ``budget.eval_episodes`` episodes at each evaluation point; row ``eval/return`` at
   ``axis="env_step"`` (frames).
 """
@@ -19,6 +21,12 @@ from bench.method import RunContext
 from bench.registry import load_target
 
 EVAL_KEY = "eval/return"
+TASK_KEY_PREFIX = "eval/task/"
+
+
+def task_key(index: int) -> str:
+    """The key of the per-task in-context rows of held-out task ``index`` (its place in the preset's test split)."""
+    return f"{TASK_KEY_PREFIX}{index}"
 
 
 class EpisodicPolicy(Protocol):
@@ -94,9 +102,19 @@ def core_in_context_returns(ctx: RunContext, act: Callable[[Any, np.random.Gener
 
 
 def log_in_context(ctx: RunContext, returns: np.ndarray) -> None:
-    """Log ``(num_test_tasks, eval_episodes)`` returns as one ``eval/return`` row per in-context episode."""
+    """Log returns ``(rows, episodes)`` as one ``eval/return`` row per in-context episode (the mean over rows) and,
+    when the rows are trial-major repeats of the preset's test split (:func:`eval_tasks`, or the split itself, as a
+    source learner runs it), one ``eval/task/<i>`` row per held-out task and episode (the mean over its trials)."""
+    returns = np.asarray(returns, dtype=float)
+    n_test = len(ctx.task.test_split(ctx.preset))
+    per_task = None
+    if returns.ndim == 2 and n_test and returns.shape[0] % n_test == 0:
+        per_task = returns.reshape(-1, n_test, returns.shape[1]).mean(axis=0)  # (n_test, episodes)
     for k, value in enumerate(returns.mean(axis=0)):
-        ctx.log(k, {EVAL_KEY: float(value)}, axis="episode")
+        row = {EVAL_KEY: float(value)}
+        if per_task is not None:
+            row.update({task_key(i): float(v) for i, v in enumerate(per_task[:, k])})
+        ctx.log(k, row, axis="episode")
 
 
 def control_eval_points(ctx: RunContext) -> list[int]:

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from bench import scoring
+from bench.evaluation import EVAL_KEY, TASK_KEY_PREFIX
 from bench.store import CorruptRecordError, ResultsStore
 
-EVAL_KEY = "eval/return"
 FAU_KEY = "fau/critic"
 ARR_SWITCH_KEY = "charts/arr_switch_frame"
 PROMPT_KEY = "charts/prompt_return"  # mean raw return of the demonstration episodes of a prompted evaluation
@@ -91,7 +91,8 @@ def load_scores(results_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd
         row, frame = run_scores(rec)
         rows.append(row)
         curves.append(frame)
-        other = rec.curve[rec.curve["key"] != EVAL_KEY].assign(
+        keys = rec.curve["key"]  # the per-task rows are read by `bench per-task`, not here
+        other = rec.curve[(keys != EVAL_KEY) & ~keys.str.startswith(TASK_KEY_PREFIX)].assign(
             method=rec.meta["method"], task=rec.meta["task"], seed=rec.meta["seed"],
             family=rec.meta["family"], preset=rec.meta["preset"])
         extras.append(other)

@@ -76,7 +76,7 @@ def test_two_distributions_same_method_name(plugin_path, tmp_path, cache_dir):
     assert "adapt-bench-example-plugin" in proc.stderr and "clash-plugin" in proc.stderr
 
 
-def test_sigkill_mid_sweep_then_resume(tmp_path, cache_dir):
+def test_sigkill_mid_sweep_then_resume(tmp_path, cache_dir, spawn):
     """Kill `bench run` with SIGKILL after its first stored run; nothing partial remains and a re-run finishes."""
     res = tmp_path / "results"
     args = ["run", "--methods", "random", "--tasks", "DarkKeyToDoor-v0", "--preset", "quick", "--seeds", "4",
@@ -84,7 +84,7 @@ def test_sigkill_mid_sweep_then_resume(tmp_path, cache_dir):
     env = {**os.environ, "ADAPT_BENCH_CACHE": str(cache_dir)}
     # warm the reference cache so the timing below is about runs
     bench_cli("list", "tasks", env={"ADAPT_BENCH_CACHE": str(cache_dir)}, check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env,
+    proc = spawn([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = ResultsStore(res)
     deadline = time.time() + 300
@@ -120,7 +120,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads process trees from Linux /proc")
-def test_workers_exit_when_the_driver_is_killed(tmp_path, cache_dir):
+def test_workers_exit_when_the_driver_is_killed(tmp_path, cache_dir, spawn):
     """SIGKILL of `bench run --workers 2` mid-run: its workers stop within seconds instead of training runs that
     nobody will collect (and that a resumed sweep starts again beside them)."""
     res = tmp_path / "results"
@@ -128,7 +128,7 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path, cache_dir):
             "--workers", "2", "--results-dir", str(res)]
     env = {**os.environ, "ADAPT_BENCH_CACHE": str(cache_dir)}
     bench_cli("list", "tasks", env={"ADAPT_BENCH_CACHE": str(cache_dir)}, check=True)
-    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env,
+    proc = spawn([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = ResultsStore(res)
     deadline = time.time() + 300

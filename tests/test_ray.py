@@ -364,12 +364,12 @@ def _alive(pid: int) -> bool:
 
 
 @needs_ray
-def test_killed_worker_is_retried_and_method_errors_are_stored(cluster, tmp_path):
+def test_killed_worker_is_retried_and_method_errors_are_stored(cluster, tmp_path, spawn):
     res = tmp_path / "res"
     cmd = [sys.executable, "-m", "bench.cli", *_args(res, tmp_path / "cache", "--methods", "raytest-slow,raytest-boom",
                                                      "--tasks", "DarkRoom-v0", "--seeds", "1", "--first-seed", "11",
                                                      "--executor", "ray", "--address", cluster.address)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **cluster.env}, stdout=subprocess.PIPE,
+    proc = spawn(cmd, cwd=ROOT, env={**os.environ, **cluster.env}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     first = _wait_for("slow-11-*.pid", cluster.talk)
     os.kill(int(first.name.split("-")[2].removesuffix(".pid")), signal.SIGKILL)
@@ -389,11 +389,11 @@ def test_killed_worker_is_retried_and_method_errors_are_stored(cluster, tmp_path
 
 
 @needs_ray
-def test_ctrl_c_cancels_outstanding_runs_then_resume(cluster, tmp_path):
+def test_ctrl_c_cancels_outstanding_runs_then_resume(cluster, tmp_path, spawn):
     res = tmp_path / "res"
     args = _args(res, tmp_path / "cache", "--methods", "raytest-slow,random", "--tasks", "DarkRoom-v0",
                  "--seeds", "1", "--first-seed", "21", "--executor", "ray", "--address", cluster.address)
-    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env={**os.environ, **cluster.env},
+    proc = spawn([sys.executable, "-m", "bench.cli", *args], cwd=ROOT, env={**os.environ, **cluster.env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = _wait_for("slow-21-*.pid", cluster.talk)
     worker = int(first.name.split("-")[2].removesuffix(".pid"))
@@ -402,7 +402,7 @@ def test_ctrl_c_cancels_outstanding_runs_then_resume(cluster, tmp_path):
     while not store.run_ids() and time.time() < deadline:  # let the random run finish and be stored
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=180)  # 60 s timed out with two training runs on the 2 cores
     assert proc.returncode == 130, err
     assert "interrupted" in err
     assert [store.read_meta(i)["method"] for i in store.run_ids()] == ["random"]  # only complete records

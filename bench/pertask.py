@@ -156,9 +156,10 @@ def per_task_report(results_dir: str, task_id: str, methods: list[str] | None = 
     wanted = methods if methods is not None else sorted(stats)
     missing = [m for m in wanted if m not in stats]
     if not stats or missing:
+        shown = messages[:3] + ([f"... {len(messages) - 3} more"] if len(messages) > 3 else [])
         raise AdaptBenchError(f"no run of {', '.join(missing or wanted) or 'any method'} on {task_id} at preset "
                               f"`{preset}` with per-task rows under {results_dir}"
-                              + (": " + "; ".join(messages) if messages else ""))
+                              + (": " + "; ".join(shown) if messages else ""))
     columns: dict[tuple[str, str], np.ndarray] = {}
     if optimum is not None:
         columns[("optimum", "")] = optimum

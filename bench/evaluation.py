@@ -108,7 +108,7 @@ def log_in_context(ctx: RunContext, returns: np.ndarray) -> None:
     returns = np.asarray(returns, dtype=float)
     n_test = len(ctx.task.test_split(ctx.preset))
     per_task = None
-    if returns.ndim == 2 and n_test and returns.shape[0] % n_test == 0:
+    if returns.ndim == 2 and n_test and returns.shape[0] in (n_test, n_test * ctx.budget.eval_trials):
         per_task = returns.reshape(-1, n_test, returns.shape[1]).mean(axis=0)  # (n_test, episodes)
     for k, value in enumerate(returns.mean(axis=0)):
         row = {EVAL_KEY: float(value)}

@@ -48,6 +48,10 @@ def test_rows_that_are_not_the_test_split_log_only_the_mean(tmp_path):
     n = len(DARK_ROOM.test_split("smoke"))
     log_in_context(ctx, np.ones((n + 1, 4)))  # a plugin's own task list: no per-task attribution is guessed
     assert {r["key"] for r in ctx.log.rows} == {EVAL_KEY}
+    log_in_context(ctx, np.ones((3 * n, 4)))  # a multiple of the split, but not its trials
+    assert {r["key"] for r in ctx.log.rows} == {EVAL_KEY}
+    log_in_context(ctx, np.ones((n, 4)))  # the split itself, as a source learner runs it
+    assert task_key(n - 1) in {r["key"] for r in ctx.log.rows}
 
 
 def test_task_stats_first_peak_final_found():

@@ -18,13 +18,13 @@ existed are named, not guessed at.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from bench import scoring
 from bench.evaluation import TASK_KEY_PREFIX
 from bench.registry import AdaptBenchError, load_target
 from bench.store import CorruptRecordError, ResultsStore
@@ -101,8 +101,7 @@ def task_matrix(curve: pd.DataFrame, n_tasks: int) -> np.ndarray | None:
 def task_stats(returns: np.ndarray, threshold: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """:data:`STATS` per task of one run's ``(n_tasks, episodes)`` returns; ``found`` (1-based, NaN: never) is
     the first episode at or above ``threshold`` (per task; default: half of the task's peak)."""
-    n, episodes = returns.shape
-    k = max(1, math.ceil(0.1 * episodes))
+    k = scoring.final_window(returns.shape[1])  # the leaderboard's final window (scoring.final_window_mean)
     windows = np.lib.stride_tricks.sliding_window_view(returns, k, axis=1).mean(axis=-1)  # (n, episodes-k+1)
     peak = windows.max(axis=1)
     thr = 0.5 * peak if threshold is None else np.asarray(threshold, float)
@@ -137,14 +136,15 @@ def per_task_report(results_dir: str, task_id: str, methods: list[str] | None = 
     seeds: dict[str, list[int]] = {}
     messages: list[str] = []
     optimum = per_task_optimum(spec, tasks)
-    for rec in store.iter_records():
-        if isinstance(rec, CorruptRecordError):
-            messages.append(f"skipped corrupt record: {rec}")
-            continue
-        meta = rec.meta
-        if meta.get("task") != task_id or meta.get("preset") != preset or rec.status != "ok":
-            continue
-        if methods is not None and meta["method"] not in methods:
+    for run_id in store.run_ids():
+        try:  # the meta first: only the matching runs' curves are read and verified
+            meta = store.read_meta(run_id)
+            if meta["task"] != task_id or meta["preset"] != preset or meta["status"] != "ok" or (
+                    methods is not None and meta["method"] not in methods):
+                continue
+            rec = store.read(run_id)
+        except CorruptRecordError as e:
+            messages.append(f"skipped corrupt record: {e}")
             continue
         matrix = task_matrix(rec.curve, len(tasks))
         if matrix is None:

@@ -403,7 +403,8 @@ def auc(steps: np.ndarray, values: np.ndarray) -> np.ndarray | float:
     return area / (s[-1] - s[0])
 
 
-def _window(n: int, fraction: float) -> int:
+def final_window(n: int, fraction: float = 0.1) -> int:
+    """How many of ``n`` episodes the final score averages: ``ceil(fraction * n)``, at least one."""
     if not 0.0 < fraction <= 1.0:
         raise ScoringError(f"fraction must lie in (0, 1], got {fraction!r}")
     # round() first: 0.1 * 30 is 3.0000000000000004 in floating point, and ceil would make it 4.
@@ -420,7 +421,7 @@ def final_window_mean(values: np.ndarray, fraction: float = 0.1) -> np.ndarray |
         values: ``(..., n)``, finite; the last axis is time.
     """
     v = _as_curve(values)
-    return v[..., -_window(v.shape[-1], fraction) :].mean(axis=-1)
+    return v[..., -final_window(v.shape[-1], fraction) :].mean(axis=-1)
 
 
 def first(values: np.ndarray) -> np.ndarray | float:

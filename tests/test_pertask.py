@@ -95,6 +95,9 @@ def test_report_finds_solved_then_lost_tasks_and_names_runs_without_rows(tmp_pat
         store.write(f"m.s{seed}", {**base, "method": "m", "seed": seed}, rows)
     store.write("old.s0", {**base, "method": "old", "seed": 0},
                 [{"axis": "episode", "step": k, "key": EVAL_KEY, "value": 1.0} for k in range(10)])
+    broken = store.write("m.s2", {**base, "method": "m", "seed": 2}, rows)
+    (broken / "curve.parquet").write_bytes(b"truncated")
+    store.write("other-task.s0", {**base, "task": "DarkKeyToDoor-v0", "method": "m", "seed": 0}, rows)
 
     report = per_task_report(str(tmp_path), DARK_ROOM.id, preset="smoke")
     assert list(report.table.index) == [str(t) for t in tasks]
@@ -103,6 +106,7 @@ def test_report_finds_solved_then_lost_tasks_and_names_runs_without_rows(tmp_pat
     assert report.table[("m", "found")].tolist()[:2] == [2.0, 4.0]  # half of each goal's shortest-path optimum
     assert ("optimum", "") in report.table.columns
     assert any("old.s0" in m and "stored before" in m for m in report.messages)
+    assert any("skipped corrupt record" in m and "m.s2" in m for m in report.messages)  # named, not loaded
     text = report.markdown()
     assert f"1 of {len(tasks)} held-out tasks end below half of their peak ({tasks[0]})" in text
 

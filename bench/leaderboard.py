@@ -55,8 +55,8 @@ def run_scores(record) -> tuple[dict, pd.DataFrame]:
            "deviations": "; ".join(f"{k}={v[1]} (paper {v[0]})"
                                    for k, v in sorted((meta.get("deviations") or {}).items()))}
     if meta["family"] == "in-context":
-        k = max(1, math.ceil(0.1 * len(score)))
-        row.update(first=float(score[0]), final=float(score[-k:].mean()), raw_final=float(raw[-k:].mean()))
+        row.update(first=float(score[0]), final=float(scoring.final_window_mean(score)),
+                   raw_final=float(scoring.final_window_mean(raw)))
         row["improvement"] = row["final"] - row["first"]
         prompt = curve[curve["key"] == PROMPT_KEY]["value"].to_numpy(dtype=float)  # demonstration prompting
         row["prompt"] = float(scoring.normalize(prompt, refs["random"], refs["reference"]).mean()) if len(

@@ -1,7 +1,8 @@
 """Presets and typed, validated config overrides.
 
 A method's ``Config`` dataclass holds the paper's settings; ``presets`` on the method are small named override
-sets (``smoke``, ``quick``); ``paper`` is the defaults. Command-line overrides ``--set [method.]field=value`` are
+sets (``smoke``, ``quick``); ``paper`` is the defaults. An optional ``task_presets`` adds a preset's settings for
+one task (``{"quick": {"<task id>": {...}}}``). Command-line overrides ``--set [method.]field=value`` are
 parsed by the field's type; an unknown or ill-typed field is an error that names it.
 """
 
@@ -130,8 +131,15 @@ def apply_overrides(config: Any, overrides: dict[str, Any], where: str) -> Any:
     return new
 
 
-def resolve_config(method: Any, preset: str, overrides: dict[str, Any] | None = None) -> Any:
-    """``Config()`` + ``method.presets[preset]`` + ``overrides``; ``None`` for methods without a Config."""
+def resolve_config(method: Any, preset: str, overrides: dict[str, Any] | None = None, task: Any = None) -> Any:
+    """``Config()`` + ``method.presets[preset]`` + ``method.task_presets[preset][task]`` + ``overrides``; ``None``
+    for methods without a Config.
+
+    ``task`` (a task id, or a spec with an ``id``) selects the method's optional per-task preset: a setting a
+    preset needs on one task only, chosen by measurement (for example AD's evaluation context on a task whose
+    quick context is capped below the paper's). It sits between the preset and the command line, so an explicit
+    ``--set`` still wins; without ``task`` it is left out.
+    """
     check_preset(preset)
     cls = getattr(method, "Config", None)
     if cls is None:
@@ -143,7 +151,19 @@ def resolve_config(method: Any, preset: str, overrides: dict[str, Any] | None = 
     config = cls()
     presets = getattr(method, "presets", {}) or {}
     config = apply_overrides(config, dict(presets.get(preset, {})), f"method `{method.name}` preset `{preset}`")
+    if task is not None:
+        task_id = getattr(task, "id", task)
+        per_task = task_preset(method, preset, task_id)
+        config = apply_overrides(config, per_task, f"method `{method.name}` preset `{preset}` on task `{task_id}`")
     return apply_overrides(config, dict(overrides or {}), f"method `{method.name}`")
+
+
+def task_preset(method: Any, preset: str, task_id: str) -> dict[str, Any]:
+    """``method.task_presets[preset][task_id]`` (``{}`` where the method has none for that task)."""
+    table = getattr(method, "task_presets", None) or {}
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise ConfigError(f"method `{method.name}`: task_presets must be {{preset: {{task id: {{field: value}}}}}}")
+    return dict(table.get(preset, {}).get(task_id, {}))
 
 
 def config_to_dict(config: Any) -> dict[str, Any] | None:

@@ -2,12 +2,14 @@
 
 A method never parses CLI args, picks file paths or seeds globals: everything it needs is on ``ctx``.
 
-A method may also carry two optional class attributes:
+A method may also carry three optional class attributes:
 
 * ``Config``: a dataclass whose defaults are the paper's settings (every field documented);
-* ``presets``: ``{"smoke": {...}, "quick": {...}}`` override sets on that config (``paper`` = the defaults).
+* ``presets``: ``{"smoke": {...}, "quick": {...}}`` override sets on that config (``paper`` = the defaults);
+* ``task_presets``: ``{"quick": {"<task id>": {...}}}``, a preset's further settings on one task.
 
-The harness resolves ``Config() + presets[preset] + CLI overrides`` into ``ctx.config``.
+The harness resolves ``Config() + presets[preset] + task_presets[preset][task] + CLI overrides`` into
+``ctx.config``; the run id, the stored config and the deviations from the paper are those of the result.
 
 And an optional hook ``prepare(ctx) -> None``: build artifacts that several runs share (a learning-history
 dataset used by every seed) into ``ctx.cache``. Executors call it once per (method, task, preset, config) before

@@ -225,7 +225,7 @@ def make_plan(
         if cls is not None:
             names = {f for f in getattr(cls, "__dataclass_fields__", {})}
             own = {**{k: v for k, v in global_over.items() if k in names}, **own}
-        configs[m] = (resolve_config(method, preset, own), own)
+        configs[m] = (resolve_config(method, preset, own), own)  # validates the overrides before any task
     if global_over and check_unused:
         unused = [k for k in global_over if not any(
             k in getattr(getattr(get_method(m), "Config", None), "__dataclass_fields__", {}) for m in methods)]
@@ -242,7 +242,8 @@ def make_plan(
             if reason is not None:
                 skipped.append((m, t, reason))
                 continue
-            config, own = configs[m]
+            own = configs[m][1]
+            config = resolve_config(method, preset, own, task=spec.id)  # with the method's per-task preset
             omit = run_id_omissions(config) + run_id_ignored(method, spec)
             for s in seeds:
                 cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget, omit))
@@ -332,7 +333,7 @@ def make_context(cell: Cell, cache_root: str, torch_threads: int, device: str, l
 
     spec = get_task(cell.task)
     method = get_method(cell.method)
-    config = resolve_config(method, cell.preset, cell.overrides)
+    config = resolve_config(method, cell.preset, cell.overrides, task=cell.task)
     if config_to_dict(config) != cell.config:
         raise AdaptBenchError(f"{cell.label}: config resolved in the worker differs from the plan")
     torch.set_num_threads(torch_threads)
@@ -407,7 +408,7 @@ def compute_cell(
         status, reason = "failed", f"no evaluation rows: the method logged no `{EVAL_KEY}`"
     wall = time.time() - t0
     meta = {
-        "deviations": paper_deviations(method, resolve_config(method, cell.preset, cell.overrides)),
+        "deviations": paper_deviations(method, resolve_config(method, cell.preset, cell.overrides, task=cell.task)),
         "status": status, "reason": reason, "traceback": tb,
         "method": cell.method, "method_provider": method_registry().provider(cell.method),
         "config": cell.config, "overrides": cell.overrides, "preset": cell.preset,

@@ -162,10 +162,22 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
             csv.append({"method": m, "task": t, "metric": "final", "value": iv.point, "ci_low": iv.low,
                         "ci_high": iv.high, "seeds": len(vals), "raw_return": raw})
         line["Seeds"] = str(len(seeds))
-        line["Deviations from paper"] = "; ".join(sorted(set(g["deviations"]) - {""})) or "–"
+        line["Deviations from paper"] = _method_deviations(g)
         table.append(line)
     df = pd.DataFrame(table).sort_values(["_iqm", "method"], ascending=[False, True]).drop(columns="_iqm")
     return df, pd.DataFrame(csv)
+
+
+def _method_deviations(g: pd.DataFrame) -> str:
+    """One method's deviations over its runs: a setting every task shares once, a task's own (a per-task preset)
+    followed by the tasks that have it, so each stays readable beside the others."""
+    tasks_of: dict[str, set[str]] = {}
+    for task, text in zip(g["task"], g["deviations"], strict=True):
+        for item in filter(None, text.split("; ")):
+            tasks_of.setdefault(item, set()).add(task)
+    every = set(g["task"])
+    return "; ".join(item if tasks_of[item] == every else f"{item} on {', '.join(sorted(tasks_of[item]))}"
+                     for item in sorted(tasks_of)) or "–"
 
 
 def raw_table(runs: pd.DataFrame) -> pd.DataFrame:

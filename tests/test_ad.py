@@ -268,6 +268,30 @@ def test_sliding_context_variants_evaluate_ads_trained_model(tmp_path) -> None:
         apply_overrides(resolve_config(get_method("ad-keep0.9"), "smoke"), {"slide_keep": "1"}, "method").validate()
 
 
+def test_key_to_door_keeps_more_context_at_quick_and_the_keep_variants_their_own() -> None:
+    """At quick, AD and ED on Key-to-Door keep 90% of the context when the cache slides (its 100-step cap holds two
+    episodes; half of it, one); Dark Room and the other presets keep the default half; the keep variants keep their
+    own value on every task, and an explicit --set still wins."""
+    kd, dr = "DarkKeyToDoor-v0", "DarkRoom-v0"
+    for name in ("ad", "ed", "ad-prompt", "ed-prompt"):
+        method = get_method(name)
+        assert resolve_config(method, "quick", task=kd).slide_keep == 0.9
+        assert resolve_config(method, "quick", task=dr).slide_keep == 0.5
+        assert resolve_config(method, "paper", task=kd).slide_keep == 0.5
+        assert resolve_config(method, "quick", {"slide_keep": "0.5"}, task=kd).slide_keep == 0.5
+        # nothing else changes with the task
+        a, b = resolve_config(method, "quick", task=kd), resolve_config(method, "quick", task=dr)
+        assert {k for k, v in vars(a).items() if vars(b)[k] != v} == {"slide_keep"}
+    for name, keep in (("ad-keep0.75", 0.75), ("ad-keep0.9", 0.9)):
+        for task in (kd, dr):
+            assert resolve_config(get_method(name), "quick", task=task).slide_keep == keep
+    # the ids of Dark Room's runs are not touched; Key-to-Door's record the setting in their config
+    from bench.runner import make_plan
+
+    cells = {c.task: c for c in make_plan(["ad"], [dr, kd], [0], "quick").cells}
+    assert cells[kd].config["slide_keep"] == 0.9 and cells[dr].config["slide_keep"] == 0.5
+
+
 def test_prompt_variants_evaluate_their_bases_model_after_a_demonstration() -> None:
     """ad-prompt / ed-prompt differ from ad / ed in the prompt fields only (evaluation-only), at every preset, and
     evaluate their base's trained model: the demonstration-prompting comparison (paper Fig. 5) is one model,

@@ -75,13 +75,30 @@ class _Configured:
         ctx.log(0, {"eval/return": 0.0}, axis="episode")
 
 
+class _PerTask:
+    """A preset setting on one task only (``task_presets``): Key-to-Door runs with 2 layers, Dark Room with the
+    smoke preset's 1; each run checks that it got its own."""
+
+    name = "test-per-task"
+    Config = _Cfg
+    presets = {"smoke": {"layers": 1}}
+    task_presets = {"smoke": {"DarkKeyToDoor-v0": {"layers": 2}}}
+
+    def supports(self, task):
+        return task.family == "in-context" or "in-context only"
+
+    def run(self, ctx):
+        assert ctx.config.layers == (2 if ctx.task.id == "DarkKeyToDoor-v0" else 1)
+        ctx.log(0, {"eval/return": float(ctx.config.layers)}, axis="episode")
+
+
 @pytest.fixture
 def test_methods():
     reg = method_registry()
-    for m in (_Boom(), _NaN(), _Silent(), _Configured()):
+    for m in (_Boom(), _NaN(), _Silent(), _Configured(), _PerTask()):
         reg.register(m.name, m, "tests", replace=True)
     yield
-    for m in ("test-boom", "test-nan", "test-silent", "test-configured"):
+    for m in ("test-boom", "test-nan", "test-silent", "test-configured", "test-per-task"):
         reg._entries.pop(m, None)
 
 
@@ -275,6 +292,42 @@ def test_config_presets_and_overrides_change_run_id(test_methods):
     assert a.config["layers"] == 1 and b.config["lr"] == 0.1
     with pytest.raises(ConfigError, match="no planned method"):
         make_plan(["random"], ["DarkRoom-v0"], [0], "smoke", {None: {"lr": "0.1"}})
+
+
+def test_a_per_task_preset_reaches_the_run_its_id_record_and_leaderboard(test_methods, results_dir, cache_dir):
+    from bench.leaderboard import family_table, load_scores
+
+    plan = make_plan(["test-per-task"], ["DarkRoom-v0", "DarkKeyToDoor-v0"], [0], "smoke")
+    layers = {c.task: c.config["layers"] for c in plan.cells}
+    assert layers == {"DarkRoom-v0": 1, "DarkKeyToDoor-v0": 2}
+    # an explicit --set wins over the per-task preset, and the id follows the config
+    over = make_plan(["test-per-task"], ["DarkKeyToDoor-v0"], [0], "smoke", {None: {"layers": "1"}}).cells[0]
+    assert over.config["layers"] == 1 and over.run_id != plan.cells[1].run_id
+    # other presets are untouched (paper: the defaults on every task)
+    assert {c.config["layers"] for c in make_plan(["test-per-task"], ["DarkKeyToDoor-v0"], [0], "paper").cells} == {4}
+    # the worker resolves the same config as the plan (it asserts its own layers) and the record says so
+    assert _run(results_dir, cache_dir, "--methods", "test-per-task", "--tasks", "DarkRoom-v0,DarkKeyToDoor-v0",
+                "--preset", "smoke") == 0
+    store = ResultsStore(results_dir)
+    metas = {store.read_meta(i)["task"]: store.read_meta(i) for i in store.run_ids()}
+    assert metas["DarkKeyToDoor-v0"]["config"]["layers"] == 2
+    assert metas["DarkKeyToDoor-v0"]["deviations"] == {"layers": [4, 2]}
+    assert metas["DarkRoom-v0"]["deviations"] == {"layers": [4, 1]}
+    runs, _, _, _ = load_scores(results_dir)
+    table, _ = family_table(runs, 0, 100)
+    assert table.iloc[0]["Deviations from paper"] == ("layers=1 (paper 4) on DarkRoom-v0; "
+                                                      "layers=2 (paper 4) on DarkKeyToDoor-v0")
+
+
+def test_a_bad_per_task_preset_is_named():
+    bad = type("M", (), {"name": "m", "Config": _Cfg, "task_presets": {"quick": {"DarkRoom-v0": {"layer": 2}}}})()
+    with pytest.raises(ConfigError, match="preset `quick` on task `DarkRoom-v0`.*Did you mean `layers`"):
+        resolve_config(bad, "quick", task="DarkRoom-v0")
+    assert resolve_config(bad, "quick", task="DarkKeyToDoor-v0").layers == 4
+    assert resolve_config(bad, "quick").layers == 4  # no task, no per-task preset
+    bad.task_presets = {"quick": [("DarkRoom-v0", {"layers": 2})]}
+    with pytest.raises(ConfigError, match="task_presets must be"):
+        resolve_config(bad, "quick", task="DarkRoom-v0")
 
 
 def test_a_later_config_field_at_its_default_keeps_stored_run_ids():

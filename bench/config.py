@@ -161,9 +161,13 @@ def resolve_config(method: Any, preset: str, overrides: dict[str, Any] | None = 
 def task_preset(method: Any, preset: str, task_id: str) -> dict[str, Any]:
     """``method.task_presets[preset][task_id]`` (``{}`` where the method has none for that task)."""
     table = getattr(method, "task_presets", None) or {}
+    shape = "task_presets must be {preset: {task id: {field: value}}}"
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
-        raise ConfigError(f"method `{method.name}`: task_presets must be {{preset: {{task id: {{field: value}}}}}}")
-    return dict(table.get(preset, {}).get(task_id, {}))
+        raise ConfigError(f"method `{method.name}`: {shape}")
+    entry = table.get(preset, {}).get(task_id, {})
+    if not isinstance(entry, dict):
+        raise ConfigError(f"method `{method.name}`: {shape}; task_presets[{preset!r}][{task_id!r}] is {entry!r}")
+    return dict(entry)
 
 
 def config_to_dict(config: Any) -> dict[str, Any] | None:

@@ -52,8 +52,9 @@ def run_scores(record) -> tuple[dict, pd.DataFrame]:
     score = scoring.normalize(raw, refs["random"], refs["reference"])
     row = {"method": meta["method"], "task": meta["task"], "family": meta["family"], "seed": meta["seed"],
            "preset": meta["preset"], "run_id": meta["run_id"],
-           "deviations": "; ".join(f"{k}={v[1]} (paper {v[0]})"
-                                   for k, v in sorted((meta.get("deviations") or {}).items()))}
+           "deviation_items": tuple(f"{k}={v[1]} (paper {v[0]})"
+                                    for k, v in sorted((meta.get("deviations") or {}).items()))}
+    row["deviations"] = "; ".join(row["deviation_items"])
     if meta["family"] == "in-context":
         row.update(first=float(score[0]), final=float(scoring.final_window_mean(score)),
                    raw_final=float(scoring.final_window_mean(raw)))
@@ -172,8 +173,8 @@ def _method_deviations(g: pd.DataFrame) -> str:
     """One method's deviations over its runs: a setting every task shares once, a task's own (a per-task preset)
     followed by the tasks that have it, so each stays readable beside the others."""
     tasks_of: dict[str, set[str]] = {}
-    for task, text in zip(g["task"], g["deviations"], strict=True):
-        for item in filter(None, text.split("; ")):
+    for task, items in zip(g["task"], g["deviation_items"], strict=True):
+        for item in items:
             tasks_of.setdefault(item, set()).add(task)
     every = set(g["task"])
     return "; ".join(item if tasks_of[item] == every else f"{item} on {', '.join(sorted(tasks_of[item]))}"

@@ -17,6 +17,7 @@ _BUILTIN = {
     "ad-ctx1": "baselines.ad:ADContext1",
     "ad-ctx2": "baselines.ad:ADContext2",
     "ad-ctx4": "baselines.ad:ADContext4",
+    "ad-keep0.5": "baselines.ad:ADKeep0_5",
     "ad-keep0.75": "baselines.ad:ADKeep0_75",
     "ad-keep0.9": "baselines.ad:ADKeep0_9",
     "ad-prompt": "baselines.ad:ADPrompted",

@@ -73,15 +73,15 @@ class Resources:
 
 def run_resources(cell: Cell) -> Resources:
     """The resources ``cell``'s method declares through its optional ``resources`` hook (default 1 CPU)."""
-    from bench.config import resolve_config
     from bench.methods import get_method
+    from bench.runner import cell_config
     from tasks import get_task
 
     method = get_method(cell.method)
     hook = getattr(method, "resources", None)
     if hook is None:
         return Resources()
-    declared = hook(get_task(cell.task), cell.preset, resolve_config(method, cell.preset, cell.overrides))
+    declared = hook(get_task(cell.task), cell.preset, cell_config(cell))
     if not isinstance(declared, dict):
         raise AdaptBenchError(f"method `{cell.method}`: resources() must return a dict, got {declared!r}")
     unknown = sorted(set(declared) - set(RESOURCE_KEYS))

@@ -219,6 +219,7 @@ def make_plan(
     configs = {}
     for m in methods:
         method = get_method(m)
+        check_task_presets(method)
         own = dict(overrides.get(m, {}))
         cls = getattr(method, "Config", None)
         # a bare `field=value` applies to every method that has that field
@@ -248,6 +249,22 @@ def make_plan(
             for s in seeds:
                 cells.append(Cell(m, spec.id, s, preset, config_to_dict(config), own, budget, omit))
     return plan_dedup(Plan(cells, skipped, preset))
+
+
+def check_task_presets(method: Any) -> None:
+    """A method's ``task_presets`` name real presets and registered tasks (a misspelt or renamed task id would
+    otherwise drop its setting silently); the field values are checked when a config is resolved."""
+    from bench.config import ConfigError, task_preset
+    from tasks import get_task
+
+    for preset, tasks in (getattr(method, "task_presets", None) or {}).items():
+        check_preset(preset)
+        for task_id in tasks:
+            try:
+                get_task(task_id)
+            except UnknownNameError as e:
+                raise ConfigError(f"method `{method.name}`: task_presets[{preset!r}]: {e}") from e
+            task_preset(method, preset, task_id)  # the entry's shape
 
 
 def run_id_ignored(method: Any, spec: Any) -> tuple[str, ...]:
@@ -324,6 +341,11 @@ class CellResult:
     """Computed by another ``bench run`` on the same results directory while this one waited or ran."""
 
 
+def cell_config(cell: Cell) -> Any:
+    """``cell``'s config as a worker resolves it: preset, the method's per-task preset, overrides (the plan's)."""
+    return resolve_config(get_method(cell.method), cell.preset, cell.overrides, task=cell.task)
+
+
 def make_context(cell: Cell, cache_root: str, torch_threads: int, device: str, logger: RunLogger,
                  progress=None) -> RunContext:
     """The :class:`RunContext` of ``cell``; sets torch threads and seeds the global generators from the seed."""
@@ -332,8 +354,7 @@ def make_context(cell: Cell, cache_root: str, torch_threads: int, device: str, l
     from tasks import get_task
 
     spec = get_task(cell.task)
-    method = get_method(cell.method)
-    config = resolve_config(method, cell.preset, cell.overrides, task=cell.task)
+    config = cell_config(cell)
     if config_to_dict(config) != cell.config:
         raise AdaptBenchError(f"{cell.label}: config resolved in the worker differs from the plan")
     torch.set_num_threads(torch_threads)
@@ -408,7 +429,7 @@ def compute_cell(
         status, reason = "failed", f"no evaluation rows: the method logged no `{EVAL_KEY}`"
     wall = time.time() - t0
     meta = {
-        "deviations": paper_deviations(method, resolve_config(method, cell.preset, cell.overrides, task=cell.task)),
+        "deviations": paper_deviations(method, cell_config(cell)),
         "status": status, "reason": reason, "traceback": tb,
         "method": cell.method, "method_provider": method_registry().provider(cell.method),
         "config": cell.config, "overrides": cell.overrides, "preset": cell.preset,

@@ -282,10 +282,15 @@ def test_key_to_door_keeps_more_context_at_quick_and_the_keep_variants_their_own
         # nothing else changes with the task
         a, b = resolve_config(method, "quick", task=kd), resolve_config(method, "quick", task=dr)
         assert {k for k, v in vars(a).items() if vars(b)[k] != v} == {"slide_keep"}
-    for name, keep in (("ad-keep0.75", 0.75), ("ad-keep0.9", 0.9)):
+    # the keep variants hold their own value everywhere; the context-length variants, which lift the 100-step cap
+    # the setting answers, keep the default
+    for name, keep in (("ad-keep0.5", 0.5), ("ad-keep0.75", 0.75), ("ad-keep0.9", 0.9), ("ad-ctx4", 0.5),
+                       ("ad-ctx1", 0.5)):
         for task in (kd, dr):
             assert resolve_config(get_method(name), "quick", task=task).slide_keep == keep
-    # the ids of Dark Room's runs are not touched; Key-to-Door's record the setting in their config
+    assert get_method("ad-keep0.5").trains_as == "ad"
+    # Key-to-Door's cells record the setting in their config (and so in their ids); Dark Room's do not change
+    # (tests/test_committed_results.py checks the stored ids)
     from bench.runner import make_plan
 
     cells = {c.task: c for c in make_plan(["ad"], [dr, kd], [0], "quick").cells}

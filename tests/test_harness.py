@@ -328,6 +328,25 @@ def test_a_bad_per_task_preset_is_named():
     bad.task_presets = {"quick": [("DarkRoom-v0", {"layers": 2})]}
     with pytest.raises(ConfigError, match="task_presets must be"):
         resolve_config(bad, "quick", task="DarkRoom-v0")
+    bad.task_presets = {"quick": {"DarkRoom-v0": "layers=2"}}
+    with pytest.raises(ConfigError, match="task_presets must be"):
+        resolve_config(bad, "quick", task="DarkRoom-v0")
+
+
+@pytest.mark.parametrize("table, needle", [
+    ({"quick": {"DarkRom-v0": {"layers": 2}}}, "Did you mean `DarkRoom-v0`"),  # a misspelt task is never ignored
+    ({"quik": {"DarkRoom-v0": {"layers": 2}}}, "quik"),
+    ({"quick": {"DarkRoom-v0": {"layer": 2}}}, "Did you mean `layers`"),
+])
+def test_a_plan_refuses_a_bad_per_task_preset_before_running(table, needle, test_methods):
+    method = method_registry().get("test-per-task")
+    saved = method.task_presets
+    method.task_presets = table
+    try:
+        with pytest.raises(AdaptBenchError, match=needle):
+            make_plan(["test-per-task"], ["DarkRoom-v0"], [0], "quick")
+    finally:
+        method.task_presets = saved
 
 
 def test_a_later_config_field_at_its_default_keeps_stored_run_ids():
@@ -574,16 +593,18 @@ def test_suite_blocks_and_method_exclusion(capsys, results_dir):
     headline = expand_methods(get_suite("icrl").methods)
     assert "ad" in headline and not any(m.startswith(("ad-ctx", "ad-keep")) for m in headline)
     assert set(everything) - set(headline) == {"ad-ctx0.5", "ad-ctx1", "ad-ctx2", "ad-ctx4",
-                                               "ad-keep0.75", "ad-keep0.9", "ad-prompt", "ed-prompt"}
+                                               "ad-keep0.5", "ad-keep0.75", "ad-keep0.9", "ad-prompt", "ed-prompt"}
     with pytest.raises(UnknownNameError):
         expand_methods(["*", "-nosuchmethod*"])
     suite = get_suite("icrl-ablations")
-    assert len(suite.parts) == 4
+    assert len(suite.parts) == 5
     plan = suite_plan(suite, [0], "smoke", {})
     pairs = {(c.method, c.task) for c in plan.cells}
     assert ("ad-ctx0.5", "DarkRoom-v0") in pairs and ("ad", "AdversarialBandit-v0") in pairs
     assert ("ad-ctx0.5", "AdversarialBandit-v0") not in pairs and ("rl2", "DarkRoom-v0") not in pairs  # blocks
     assert ("ad-keep0.9", "DarkKeyToDoor-v0") in pairs and ("ad-keep0.9", "AdversarialBandit-v0") not in pairs
+    # Key-to-Door's sliding-context block names its three settings (ad keeps 0.9 there at quick)
+    assert ("ad-keep0.5", "DarkKeyToDoor-v0") in pairs and ("ad-keep0.5", "DarkRoom-v0") not in pairs
     assert ("ed-prompt", "DarkRoom-v0") in pairs and ("ed-prompt", "DarkKeyToDoor-v0") not in pairs
     # evaluation-only variants (trains_as) run after every training run, never beside their own model's training
     order = [getattr(get_method(c.method), "trains_as", None) is not None for c in plan.cells]

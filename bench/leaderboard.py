@@ -207,7 +207,8 @@ class Experiment:
     methods: list[str]
     tasks: list[str]
     own: list[str] = field(default_factory=list)
-    """Its methods that no other experiment lists (the others are shared references such as random, drqv2)."""
+    """Its methods that no other experiment lists (the others are shared references such as random, drqv2), and the
+    ablation variants that no other experiment lists on one of its tasks."""
 
     @property
     def tag(self) -> str:
@@ -218,7 +219,7 @@ def experiments() -> list[Experiment]:
     """The experiments of every suite of several blocks, their method and task names expanded. A block naming a
     method that is not installed keeps its other methods (a leaderboard never fails on a missing plugin)."""
     from bench.registry import UnknownNameError
-    from bench.runner import expand_methods, expand_tasks, suites
+    from bench.runner import expand_methods, expand_tasks, headline_methods, suites
 
     out = []
     for suite in suites().values():
@@ -232,9 +233,14 @@ def experiments() -> list[Experiment]:
                 except UnknownNameError:  # an uninstalled plugin's method: nothing of it can be in the results
                     continue
             out.append(Experiment(suite.name, name, title, names, expand_tasks(list(tasks))))
+    headline = headline_methods()
     for exp in out:
-        others = {m for e in out if e is not exp for m in e.methods}
-        exp.own = [m for m in exp.methods if m not in others]
+        # own: listed by no other experiment; or, for a variant outside the headline suites (never a shared
+        # reference such as random), on a task no other experiment lists it with (a block per task)
+        listed = {m for e in out if e is not exp for m in e.methods}
+        pairs = {(m, t) for e in out if e is not exp for m in e.methods for t in e.tasks}
+        exp.own = [m for m in exp.methods if m not in listed
+                   or (m not in headline and any((m, t) not in pairs for t in exp.tasks))]
     return out
 
 

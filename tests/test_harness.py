@@ -630,6 +630,9 @@ def test_ablation_experiments_get_a_leaderboard_section_and_plot(tmp_path, cache
     assert by_tag["plasticity-ablations-replay-ratio"].own == ["drqv2-rr2", "drqv2-arr"]
     assert by_tag["icrl-ablations-context-length"].own == ["ad-ctx0.5", "ad-ctx1", "ad-ctx2", "ad-ctx4"]
     assert by_tag["plasticity-ablations-frozen"].own == ["drqv2-frozen", "drqv2-noaug-frozen"]
+    # a variant with a block per task is each block's own (ad-keep0.75: Dark Room here, Key-to-Door there)
+    assert by_tag["icrl-ablations-sliding-context"].own == ["ad-keep0.75", "ad-keep0.9"]
+    assert by_tag["icrl-ablations-sliding-context-key-to-door"].own == ["ad-keep0.5", "ad-keep0.75", "ad-keep0.9"]
     res = tmp_path / "results"
     common = ["--preset", "smoke", "--seeds", "1", "--results-dir", str(res), "--cache-dir", str(cache_dir)]
     assert main(["run", "--methods", "random,oracle", "--tasks", "DarkRoom-v0", *common]) == 0

@@ -186,8 +186,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # 0.75 -> 54.6, 0.9 -> 57.9 (every seed >= 57; session 12's re-run of ad: 59.3); at 0.5 AD ends 10 of 64 tasks below
 # half its peak, at 0.9 4. 0.9 is also the nearest to the paper's evaluation, a window that slides by one step.
 # Dark Room keeps 0.5: its 80-step context holds 4 episodes, 2 after a slide, and keeping more cost it (84.4 -> 79.2
-# -> 74.8). The price is speed: a slide re-prefills 90% of the window every 10 steps, 6.6x faster than recomputing
-# the window each step (beside a sweep) against >= 10x at 0.5 on Dark Room (tests/bench_ad.py measures both).
+# -> 74.8). The price is speed: a slide re-prefills 90% of the window every 10 steps, 7.7x faster than recomputing
+# the window each step against 12.2x at 0.5 on Dark Room (tests/bench_ad.py measures both; one thread, idle).
 TASK_PRESETS: dict[str, dict[str, dict[str, Any]]] = {"quick": {"DarkKeyToDoor-v0": {"slide_keep": 0.9}}}
 
 

@@ -40,10 +40,10 @@ def _quick_model(**changes) -> tuple[ad.Config, ad.ADTransformer]:
     return cfg, ad.build_model(cfg, SPEC)
 
 
-def _eval_seconds(cfg: ad.Config, model: ad.ADTransformer) -> float:
-    core = load_target(SPEC.batched_core)(SPEC, GOALS)
+def _eval_seconds(cfg: ad.Config, model: ad.ADTransformer, spec=SPEC, tasks=GOALS, episodes=EPISODES) -> float:
+    core = load_target(spec.batched_core)(spec, tasks)
     start = time.perf_counter()
-    ad.evaluate_in_context(model, core, EPISODES, cfg, np.random.default_rng(0))
+    ad.evaluate_in_context(model, core, episodes, cfg, np.random.default_rng(0))
     return time.perf_counter() - start
 
 
@@ -95,14 +95,10 @@ def test_kv_cache_vs_recompute_key_to_door(benchmark, capsys: pytest.CaptureFixt
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        def run(config: ad.Config) -> None:
-            ad.evaluate_in_context(model, load_target(spec.batched_core)(spec, tasks), episodes, config,
-                                   np.random.default_rng(0))
-
-        benchmark.pedantic(lambda: run(cfg), rounds=3, warmup_rounds=1)
+        benchmark.pedantic(lambda: _eval_seconds(cfg, model, spec, tasks, episodes), rounds=3, warmup_rounds=1)
         cached = benchmark.stats.stats.min
         slow_cfg = dataclasses.replace(cfg, kv_cache=False)
-        recompute = min(_timed(lambda: run(slow_cfg)) for _ in range(2))
+        recompute = min(_eval_seconds(slow_cfg, model, spec, tasks, episodes) for _ in range(2))
     finally:
         torch.set_num_threads(before)
     benchmark.extra_info.update(context_steps=model.context_len, tasks=len(tasks), slide_keep=cfg.slide_keep,
@@ -112,11 +108,6 @@ def test_kv_cache_vs_recompute_key_to_door(benchmark, capsys: pytest.CaptureFixt
               f"slide_keep {cfg.slide_keep}, 1 thread: cached {cached:.2f} s, recompute {recompute:.2f} s for "
               f"{episodes} episodes, ratio {recompute / cached:.1f}x")
 
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def test_training_throughput(benchmark, capsys: pytest.CaptureFixture) -> None:

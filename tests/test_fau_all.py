@@ -25,6 +25,27 @@ def test_monitor_records_several_groups_and_pools():
     assert mon.take_all() == {}  # nothing recorded since the last take
 
 
+def test_a_module_in_several_groups_is_hooked_once_and_counted_in_each():
+    """One forward hook per module, however many groups watch it (the count is shared, not recomputed); re-watching
+    a group drops its old modules' hooks unless another group still watches them."""
+    a, b, c = torch.nn.ReLU(), torch.nn.ReLU(), torch.nn.ReLU()
+    mon = FAUMonitor()
+    watch_layers(mon, [("a", a), ("b", b)])
+    assert len(a._forward_hooks) == len(b._forward_hooks) == 1
+    with mon.record("a"):  # only `a` records: the pool sees nothing
+        a(torch.tensor([1.0, -1.0, 0.0, 2.0]))
+    assert mon.take_all() == {"fau/a": 0.5}
+    mon.watch("hidden", [b, c])  # the pool moves off `a`; `a` keeps its own group's hook
+    assert len(a._forward_hooks) == len(b._forward_hooks) == len(c._forward_hooks) == 1
+    mon.watch("a", [])
+    assert len(a._forward_hooks) == 0
+    with mon.record("a", "b", "hidden"):
+        a(torch.tensor([1.0]))
+        b(torch.tensor([1.0, -1.0]))
+        c(torch.tensor([-1.0, -1.0]))
+    assert mon.take_all() == {"fau/b": 0.5, "fau/hidden": 1 / 4}
+
+
 def test_every_in_context_torch_method_logs_fau(results_dir, cache_dir, capsys):
     code = main(["run", "--methods", "ad,ed,rl2,source-a2c", "--tasks", "DarkRoom-v0", "--preset", "smoke",
                  "--seeds", "1", "--results-dir", str(results_dir), "--cache-dir", str(cache_dir)])

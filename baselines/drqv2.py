@@ -171,8 +171,8 @@ SMOKE: dict[str, Any] = {"hidden_dim": 32, "feature_dim": 16, "batch_size": 4, "
 QUICK: dict[str, Any] = {"batch_size": 32, "hidden_dim": 256, "image_size": 64,
                          "std_schedule": Linear(1.0, 0.1, 20_000)}
 
-# cfgs/task/*.yaml: per-task settings of the reference. They replace a field only while it holds the paper
-# default, so a preset's or the command line's explicit value wins.
+# cfgs/task/*.yaml: per-task settings of the reference, by domain ("walker-*") or task. They reach a run's config
+# through the harness's task_presets (DrQV2.task_presets), so its id, stored config and deviations carry them.
 _MEDIUM = {"acrobot-swingup", "cartpole-swingup_sparse", "cheetah-run", "finger-turn_easy", "finger-turn_hard",
            "hopper-hop", "quadruped-walk", "quadruped-run", "reacher-easy", "reacher-hard", "walker-run"}
 _TASK_SETTINGS: dict[str, dict[str, Any]] = {
@@ -182,16 +182,31 @@ _TASK_SETTINGS: dict[str, dict[str, Any]] = {
 _TASK_SETTINGS["quadruped-run"] = {**_TASK_SETTINGS["quadruped-run"], "buffer_size": 100_000}
 
 
-def task_config(config: Config, task: TaskSpec) -> Config:
-    """``config`` with the reference's per-task settings for ``task`` (fields still at their paper default)."""
-    domain, name = task.kwargs.get("domain"), task.kwargs.get("task")
-    paper = type(config)()
-    changes: dict[str, Any] = {}
-    for key in (f"{domain}-*", f"{domain}-{name}"):
-        for field, value in _TASK_SETTINGS.get(key, {}).items():
-            if getattr(config, field) == getattr(paper, field):
-                changes[field] = value
-    return dataclasses.replace(config, **changes)
+def reference_task_settings(domain: str, task: str) -> dict[str, Any]:
+    """The reference's settings for DMC ``domain``-``task`` (its domain's, then its own)."""
+    return {**_TASK_SETTINGS.get(f"{domain}-*", {}), **_TASK_SETTINGS.get(f"{domain}-{task}", {})}
+
+
+def reference_task_presets(presets: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``task_presets`` (``{preset: {task id: {field: value}}}``) holding the reference's per-task settings for every
+    registered DMC pixel task, plugin tasks included (by their ``domain`` / ``task`` kwargs), at every preset. A
+    field the preset sets itself keeps the preset's value: quick's batch of 32 and 20k-frame std schedule hold on
+    walker and the medium tasks, whose n-step 1 and buffer settings still apply."""
+    from bench.config import PRESETS
+    from tasks import list_tasks
+
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for spec in list_tasks():
+        domain, name = spec.kwargs.get("domain"), spec.kwargs.get("task")
+        if spec.family != "control" or not isinstance(domain, str) or not isinstance(name, str):
+            continue
+        settings = reference_task_settings(domain, name)
+        for preset in PRESETS:
+            own = presets.get(preset, {})
+            entry = {k: v for k, v in settings.items() if k not in own}
+            if entry:
+                table.setdefault(preset, {})[spec.id] = entry
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -688,7 +703,7 @@ _SHARED = ("aug_pad", "image_size", "feature_dim", "hidden_dim", "lr", "batch_si
 
 def pretrain_config(cfg: Config) -> Config:
     """The encoder pretraining run's config: drqv2 as published (augmented, no plasticity switch) with ``cfg``'s
-    shared hyper-parameters (``cfg`` already through :func:`task_config`)."""
+    shared hyper-parameters (``cfg`` the run's, with its task's settings)."""
     return dataclasses.replace(Config(), **{name: getattr(cfg, name) for name in _SHARED})
 
 
@@ -771,13 +786,18 @@ class DrQV2:
     Config: type[Config] = Config
     presets: dict[str, dict[str, Any]] = {"smoke": SMOKE, "quick": QUICK}
 
+    @property
+    def task_presets(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The reference's per-task settings (:func:`reference_task_presets` of this method's presets)."""
+        return reference_task_presets(self.presets)
+
     def supports(self, task: TaskSpec) -> bool | str:
         if task.family != "control" or task.observation != "pixels" or task.actions != "continuous":
             return f"{self.name} needs a control task with pixel observations and continuous actions"
         return True
 
     def run(self, ctx: RunContext) -> None:
-        cfg = task_config(ctx.config, ctx.task)
+        cfg = ctx.config  # with the task's reference settings (task_presets)
         encoder = pretrained_encoder(ctx, cfg) if cfg.pretrain_encoder else None
         Trainer(ctx, cfg, encoder_state=encoder).train()
 
@@ -961,7 +981,7 @@ class DrQV2Frozen(DrQV2):
 
     def prepare(self, ctx: RunContext) -> None:
         """Build the shared pretrained encoder once, before the runs (shared with drqv2-noaug-frozen)."""
-        pretrained_encoder(ctx, task_config(ctx.config, ctx.task))
+        pretrained_encoder(ctx, ctx.config)
 
 
 class DrQV2NoAugFrozen(DrQV2Frozen):

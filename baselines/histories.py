@@ -308,11 +308,12 @@ def _build(out: Path, kind: str, arrays: dict[str, np.ndarray], encoding: str, e
 
 
 # --------------------------------------------------------------------------------------------- public API
-def source_config(preset: str) -> Config:
-    """The source algorithm's settings at ``preset``: the ``source-a2c`` method's ``Config`` + its preset."""
+def source_config(preset: str, task: str | None = None) -> Config:
+    """The source algorithm's settings at ``preset`` on ``task``: the ``source-a2c`` method's ``Config`` + its
+    preset + its per-task preset there (it has none today), as its own runs on that task resolve them."""
     from bench.config import resolve_config
 
-    return resolve_config(SourceMethod(), preset)
+    return resolve_config(SourceMethod(), preset, task=task)
 
 
 def _base_key(kind: str, spec: TaskSpec, preset: str, tasks: Sequence[Any], steps: int) -> dict[str, Any]:
@@ -323,7 +324,7 @@ def _base_key(kind: str, spec: TaskSpec, preset: str, tasks: Sequence[Any], step
 def build_learning(spec: TaskSpec, preset: str, cache: ArtifactCache, *, config: Config | None = None,
                    data_seed: int = DATA_SEED, progress: Callable[[float, str], None] | None = None) -> Histories:
     """The learning histories of ``spec``'s train split at ``preset`` (built once, then read from ``cache``)."""
-    cfg = config if config is not None else source_config(preset)
+    cfg = config if config is not None else source_config(preset, spec.id)
     if cfg.subsample < 1:
         raise HistoriesError(f"subsample must be >= 1, got {cfg.subsample}")
     tasks = spec.train_split(preset)

@@ -6,10 +6,12 @@ A method may also carry three optional class attributes:
 
 * ``Config``: a dataclass whose defaults are the paper's settings (every field documented);
 * ``presets``: ``{"smoke": {...}, "quick": {...}}`` override sets on that config (``paper`` = the defaults);
-* ``task_presets``: ``{"quick": {"<task id>": {...}}}``, a preset's further settings on one task.
+* ``task_presets``: ``{"quick": {"<task id>": {...}}}``, a preset's further settings on one task (``"paper"``
+  too: a paper's per-task settings; a property may compute it, as DrQ-v2's does for every registered DMC task).
 
 The harness resolves ``Config() + presets[preset] + task_presets[preset][task] + CLI overrides`` into
-``ctx.config``; the run id, the stored config and the deviations from the paper are those of the result.
+``ctx.config``; the run id, the stored config and the deviations from the paper's config on that task are those
+of the result.
 
 And an optional hook ``prepare(ctx) -> None``: build artifacts that several runs share (a learning-history
 dataset used by every seed) into ``ctx.cache``. Executors call it once per (method, task, preset, config) before

@@ -429,7 +429,7 @@ def compute_cell(
         status, reason = "failed", f"no evaluation rows: the method logged no `{EVAL_KEY}`"
     wall = time.time() - t0
     meta = {
-        "deviations": paper_deviations(method, cell_config(cell)),
+        "deviations": paper_deviations(method, cell_config(cell), cell.task),
         "status": status, "reason": reason, "traceback": tb,
         "method": cell.method, "method_provider": method_registry().provider(cell.method),
         "config": cell.config, "overrides": cell.overrides, "preset": cell.preset,
@@ -493,11 +493,13 @@ def execute_cell(
     return CellResult(cell.run_id, cell.label, meta["status"], meta["reason"], meta["wall_time_s"])
 
 
-def paper_deviations(method: Any, config: Any) -> dict[str, list[Any]]:
-    """``{field: [paper value, used value]}`` for every field this run's config changes from the paper's."""
+def paper_deviations(method: Any, config: Any, task: str | None = None) -> dict[str, list[Any]]:
+    """``{field: [paper value, used value]}`` for every field this run's config changes from the paper's on
+    ``task`` (the paper preset with the method's per-task settings there: DrQ-v2's n-step 1 on walker is the
+    paper's, not a deviation)."""
     if config is None:
         return {}
-    paper = config_to_dict(type(config)()) or {}
+    paper = config_to_dict(resolve_config(method, "paper", task=task)) or {}
     used = config_to_dict(config) or {}
     return {k: [paper[k], used[k]] for k in used if paper.get(k) != used[k]}
 

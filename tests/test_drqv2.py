@@ -24,14 +24,13 @@ from baselines.drqv2 import (
     Linear,
     RandomShiftsAug,
     Trainer,
-    task_config,
 )
 from baselines.plasticity import AdaptiveReplayRatio, FAUMonitor, UpdateSchedule
 from baselines.replay import EmptyReplayError, FrameReplay
 from bench import cli
 from bench.config import config_to_dict, resolve_config
 from bench.method import ArtifactCache, RunContext, RunLogger
-from bench.runner import paper_deviations, seed_everything
+from bench.runner import check_task_presets, make_plan, paper_deviations, seed_everything
 from tasks import get_task
 from tasks.spec import Budget
 
@@ -55,16 +54,51 @@ def test_paper_defaults_and_task_overrides():
                                                                                            0.01)
     assert (cfg.seed_frames, cfg.std_schedule, cfg.std_clip, cfg.replay_ratio) == (4000, Linear(1.0, 0.1, 200_000),
                                                                                    0.3, 0.5)
-    walker = task_config(cfg, get_task("DMC-walker-walk-v0"))
+    method = DrQV2()
+    walker = resolve_config(method, "paper", task="DMC-walker-walk-v0")
     assert (walker.nstep, walker.batch_size) == (1, 512)
-    quad = task_config(cfg, get_task("DMC-quadruped-run-v0"))
+    quad = resolve_config(method, "paper", task="DMC-quadruped-run-v0")
     assert quad.buffer_size == 100_000 and quad.std_schedule == Linear(1.0, 0.1, 1_000_000)  # a medium task
-    assert task_config(cfg, get_task(TASK)) == cfg
-    # a preset's explicit value wins over the per-task one
-    quick = resolve_config(DrQV2(), "quick")
-    assert task_config(quick, get_task("DMC-walker-walk-v0")).batch_size == quick.batch_size
+    assert resolve_config(method, "paper", task=TASK) == cfg
+    # a preset's explicit value wins over the per-task one; the others still apply
+    quick = resolve_config(method, "quick")
+    quick_walker = resolve_config(method, "quick", task="DMC-walker-walk-v0")
+    assert (quick_walker.batch_size, quick_walker.nstep) == (quick.batch_size, 1)
+    assert resolve_config(method, "quick", task="DMC-reacher-easy-v0") == quick  # medium, but quick sets the std
+    # and the command line wins over both
+    assert resolve_config(method, "quick", {"nstep": "3"}, task="DMC-walker-walk-v0").nstep == 3
     assert Linear(1.0, 0.1, 100)(0) == 1.0 and Linear(1.0, 0.1, 100)(50) == pytest.approx(0.55)
     assert Linear(1.0, 0.1, 100)(10**6) == pytest.approx(0.1)
+
+
+def test_task_settings_reach_the_plan_id_and_deviations():
+    """The reference's per-task settings are in a run's config and id (a walker run's record says n-step 1) and
+    count as deviations only where the preset departs from the paper *on that task*."""
+    plan = make_plan(["drqv2"], ["DMC-walker-walk-v0", TASK], [0], "quick")
+    walker, cartpole = plan.cells
+    assert walker.config["nstep"] == 1 and cartpole.config["nstep"] == 3
+    assert walker.run_id.split(".")[-1] != make_plan(["drqv2"], ["DMC-walker-walk-v0"], [0], "quick",
+                                                     {"drqv2": {"nstep": "3"}}).cells[0].run_id.split(".")[-1]
+    method = DrQV2()
+    at_paper = resolve_config(method, "paper", task="DMC-walker-walk-v0")
+    assert paper_deviations(method, at_paper, "DMC-walker-walk-v0") == {}
+    quick = paper_deviations(method, resolve_config(method, "quick", task="DMC-walker-walk-v0"), "DMC-walker-walk-v0")
+    assert quick["batch_size"] == [512, 32] and "nstep" not in quick
+    # every entry names a registered task and a real field (the plan's check)
+    check_task_presets(method)
+    assert "DMC-walker-run-v0" in method.task_presets["quick"]
+
+
+def test_plugin_dmc_task_gets_its_domains_reference_settings(monkeypatch):
+    """A control task registered by a plugin gets the settings of its DMC domain like a built-in one."""
+    import dataclasses as dc
+
+    import tasks
+
+    stand = dc.replace(get_task("DMC-walker-walk-v0"), id="Plugin-walker-stand-v0",
+                       kwargs={**get_task("DMC-walker-walk-v0").kwargs, "task": "stand"})
+    monkeypatch.setattr(tasks, "list_tasks", lambda: [stand])
+    assert DrQV2().task_presets["quick"] == {"Plugin-walker-stand-v0": {"nstep": 1}}
 
 
 def test_quick_arr_interval_is_a_recorded_deviation():
@@ -441,7 +475,7 @@ def test_checkpoint_resume_continues_the_curve_exactly(tmp_path, monkeypatch, va
 
 
 def test_checkpoint_written_with_another_config_is_refused(tmp_path):
-    cfg = task_config(resolve_config(DrQV2(), "smoke"), get_task(TASK))
+    cfg = resolve_config(DrQV2(), "smoke", task=TASK)
     trainer = Trainer(_ctx(tmp_path / "ckpt", tmp_path / "cache", cfg), cfg)
     trainer.replay.add_first(np.zeros((9, 84, 84), np.uint8))
     trainer.save_checkpoint()

@@ -9,7 +9,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -37,20 +37,34 @@ def _fmt_time(seconds: float) -> str:
 
 @dataclass
 class Progress:
-    """Cells done/total with an ETA, plus each running cell's own progress."""
+    """Cells done/total with an ETA, plus each running cell's own progress.
+
+    The ETA weighs every cell by its expected cost, not by one: the mean wall time of the finished cells of its
+    (method, task), else of its method, else of every finished cell. A sweep's cells differ by orders of magnitude
+    (an AD run 12-24 min, a random-policy run seconds), and counting them alike put the ETA of the quick
+    in-context suite at 3h38m after 14 minutes. ``cells`` are the cells this progress will see (their groups price the
+    cells not yet started); without them every cell not yet started costs the finished cells' mean."""
 
     total: int
     stream: TextIO = field(default_factory=lambda: sys.stderr)
+    cells: Sequence[Cell] = ()
     done: int = 0
     failed: int = 0
     start: float = field(default_factory=time.monotonic)
     running: dict[str, tuple[str, float, str]] = field(default_factory=dict)  # run_id -> (label, frac, msg)
+    _groups: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> (method, task)
+    _finished: list[tuple[tuple[str, str] | None, float]] = field(default_factory=list)  # (group, wall s)
+    _finished_ids: set[str] = field(default_factory=set)
     _last_print: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._groups.update({cell.run_id: (cell.method, cell.task) for cell in self.cells})
 
     def started(self, cell: Cell, label: str | None = None) -> None:
         with self._lock:
             self.running[cell.run_id] = (label or cell.label, 0.0, "")
+            self._groups.setdefault(cell.run_id, (cell.method, cell.task))
 
     def update(self, run_id: str, fraction: float, message: str) -> None:
         with self._lock:
@@ -62,6 +76,10 @@ class Progress:
             self.running.pop(result.run_id, None)
             self.done += 1
             self.failed += result.status != "ok"
+            self._finished_ids.add(result.run_id)
+            # a cell stored by another driver took none of this sweep's time: it prices nothing
+            if not result.elsewhere:
+                self._finished.append((self._groups.get(result.run_id), max(0.0, result.wall_time_s)))
         if result.status == "ok":
             mark = f"ok ({result.reason})" if result.reason else "ok"  # e.g. stored by another driver
         else:
@@ -69,12 +87,49 @@ class Progress:
         self.stream.write(f"[{self.done}/{self.total}] {result.label}: {mark} in {_fmt_time(result.wall_time_s)}\n")
         self.stream.flush()
 
+    def _pricer(self) -> Callable[[tuple[str, str] | None], float]:
+        """The expected wall time of a cell of a (method, task) group: its group's mean, else its method's, else
+        every finished cell's (1.0 for every cell while no finished cell has a wall time)."""
+        walls = [w for _, w in self._finished]
+        if not any(walls):
+            return lambda group: 1.0
+        by_group: dict[tuple[str, str], list[float]] = {}
+        by_method: dict[str, list[float]] = {}
+        for group, wall in self._finished:
+            if group is not None:
+                by_group.setdefault(group, []).append(wall)
+                by_method.setdefault(group[0], []).append(wall)
+        overall = sum(walls) / len(walls)
+
+        def price(group: tuple[str, str] | None) -> float:
+            same = by_group.get(group) if group is not None else None
+            same = same or (by_method.get(group[0]) if group is not None else None)
+            return sum(same) / len(same) if same else overall
+
+        return price
+
+    def eta(self, elapsed: float) -> float:
+        """Seconds left: the expected cost still to run over the rate at which cost has been done so far
+        (finished cells at their wall time, running ones at their reported fraction); NaN before any report."""
+        price = self._pricer()
+        timed = any(w for _, w in self._finished)
+        done = sum(w if timed else 1.0 for _, w in self._finished)
+        left = 0.0
+        for run_id, (_, frac, _) in self.running.items():
+            cost = price(self._groups.get(run_id))
+            done += frac * cost
+            left += (1.0 - frac) * cost
+        unstarted = [g for run_id, g in self._groups.items()
+                     if run_id not in self.running and run_id not in self._finished_ids]
+        left += sum(price(g) for g in unstarted)
+        unknown = self.total - self.done - len(self.running) - len(unstarted)  # cells not given to this progress
+        left += max(0, unknown) * price(None)
+        return elapsed / done * left if done > 0 else float("nan")
+
     def line(self) -> str:
         with self._lock:
             elapsed = time.monotonic() - self.start
-            # fractional credit for running cells makes the ETA move before the first cell ends
-            credit = self.done + sum(f for _, f, _ in self.running.values())
-            eta = elapsed / credit * (self.total - credit) if credit > 0 else float("nan")
+            eta = self.eta(elapsed)
             parts = [f"{self.done}/{self.total} done", f"{self.failed} failed" if self.failed else "",
                      f"elapsed {_fmt_time(elapsed)}", f"ETA {_fmt_time(eta)}" if eta == eta else "ETA ?"]
             head = ", ".join(p for p in parts if p)
@@ -167,7 +222,7 @@ class LocalExecutor:
         if not groups:
             return
         stream.write(f"building shared artifacts for {len(groups)} (method, task) group(s)\n")
-        progress = Progress(total=len(groups), stream=stream)
+        progress = Progress(total=len(groups), stream=stream, cells=groups)
         labels = {cell.run_id: f"preparing {cell.method}/{cell.task}" for cell in groups}
 
         def started(cell: Cell) -> float:
@@ -331,6 +386,6 @@ def run_sweep(plan: Plan, store: ResultsStore, cache_root: str, executor, retry_
         stream.write(f"{len(kept_failed)} stored failed run(s) are kept; re-run them with --retry-failed\n")
     stream.write(f"{len(plan.cells)} cells planned: {done} already stored, {len(todo)} to run\n")
     executor.prepare(prepare_groups(todo), cache_root, stream)
-    progress = Progress(total=len(todo), stream=stream)
+    progress = Progress(total=len(todo), stream=stream, cells=todo)
     results = executor.run(todo, store, cache_root, progress) if todo else []
     return SweepSummary(len(plan.cells), done, results)

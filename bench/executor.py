@@ -39,53 +39,68 @@ def _fmt_time(seconds: float) -> str:
 class Progress:
     """Cells done/total with an ETA, plus each running cell's own progress.
 
-    The ETA weighs every cell by its expected cost, not by one. A running cell that has reported at least 2% is
-    extrapolated from its own pace (its time so far over its fraction); any other cell costs the mean wall time of
-    the finished cells of its (method, task), else of its method, else of every finished cell, else the running
-    cells' extrapolations; and the ETA is never shorter than the slowest running cell's own time left. A sweep's
-    cells differ by orders of magnitude (an AD run 12-24 min, a random-policy run seconds): counting them alike put
-    the ETA of the quick in-context suite at 3h38m after 14 minutes, and that of its data generation at 5 s while
-    a Key-to-Door history had 83 s to go. ``cells`` are the cells this progress will see (their groups price the
-    cells not yet started); cells it was not given cost the mean."""
+    The ETA weighs every cell by its expected cost, not by one. A running cell is priced by its own pace once its
+    reports have moved 2% (fraction gained over the time between its first report and its latest, so a queued
+    build's wait, a resumed run's jump to its checkpoint's fraction or a retried task's lost attempt count for
+    nothing); any other cell costs the mean wall time of the finished cells of its (method, task), else of its
+    method, else of every finished cell, else the running cells' extrapolations; and the ETA is never shorter than
+    the slowest running cell's own time left. A sweep's cells differ by orders of magnitude (an AD run 12-24 min,
+    a random-policy run seconds): counting them alike put the ETA of the quick in-context suite at 3h38m after 14
+    minutes, and that of its data generation at 5 s while a Key-to-Door history had 83 s to go. ``cells`` are the
+    cells this progress will see (their groups price the cells not yet started); cells it was not given cost the
+    mean. Cells that finished in 0 s (a worker that died, stored by another driver) price nothing."""
 
     total: int
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     cells: Sequence[Cell] = ()
+    clock: Callable[[], float] = time.monotonic
     done: int = 0
     failed: int = 0
-    start: float = field(default_factory=time.monotonic)
+    start: float | None = None  # clock() at creation unless given
     running: dict[str, tuple[str, float, str]] = field(default_factory=dict)  # run_id -> (label, frac, msg)
     _groups: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> (method, task)
-    _finished: list[tuple[tuple[str, str] | None, float]] = field(default_factory=list)  # (group, wall s)
+    _walls: list[tuple[tuple[str, str] | None, float]] = field(default_factory=list)  # (group, wall s) if > 0
     _finished_ids: set[str] = field(default_factory=set)
-    _since: dict[str, float] = field(default_factory=dict)  # run_id -> monotonic time it started
+    # run_id -> (time, fraction) of its first report of this attempt and of its latest
+    _first: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _latest: dict[str, tuple[float, float]] = field(default_factory=dict)
     _last_print: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    #: a running cell's own pace prices it once its reports have moved this much (before, mostly setup)
+    EXTRAPOLATE_FROM = 0.02
+
     def __post_init__(self) -> None:
+        if self.start is None:
+            self.start = self.clock()
         self._groups.update({cell.run_id: (cell.method, cell.task) for cell in self.cells})
 
     def started(self, cell: Cell, label: str | None = None) -> None:
         with self._lock:
             self.running[cell.run_id] = (label or cell.label, 0.0, "")
-            self._since[cell.run_id] = time.monotonic()
             self._groups.setdefault(cell.run_id, (cell.method, cell.task))
+            self._first.pop(cell.run_id, None)
+            self._latest.pop(cell.run_id, None)
 
     def update(self, run_id: str, fraction: float, message: str) -> None:
         with self._lock:
             if run_id in self.running:
                 self.running[run_id] = (self.running[run_id][0], fraction, message)
+                now, last = self.clock(), self._latest.get(run_id)
+                if last is None or fraction < last[1]:  # the first report, or a restart (a retried attempt)
+                    self._first[run_id] = (now, fraction)
+                self._latest[run_id] = (now, fraction)
 
     def finished(self, result: CellResult) -> None:
         with self._lock:
             self.running.pop(result.run_id, None)
-            self._since.pop(result.run_id, None)
+            self._first.pop(result.run_id, None)
+            self._latest.pop(result.run_id, None)
             self.done += 1
             self.failed += result.status != "ok"
             self._finished_ids.add(result.run_id)
-            # a cell stored by another driver took none of this sweep's time: it prices nothing
-            if not result.elsewhere:
-                self._finished.append((self._groups.get(result.run_id), max(0.0, result.wall_time_s)))
+            if result.wall_time_s > 0 and not result.elsewhere:
+                self._walls.append((self._groups.get(result.run_id), result.wall_time_s))
         if result.status == "ok":
             mark = f"ok ({result.reason})" if result.reason else "ok"  # e.g. stored by another driver
         else:
@@ -93,23 +108,19 @@ class Progress:
         self.stream.write(f"[{self.done}/{self.total}] {result.label}: {mark} in {_fmt_time(result.wall_time_s)}\n")
         self.stream.flush()
 
-    #: a running cell's own pace prices it once it has reported this fraction (before, a report is mostly setup)
-    EXTRAPOLATE_FROM = 0.02
-
     def _pricer(self, extrapolated: list[float]) -> Callable[[tuple[str, str] | None], float]:
         """The expected wall time of a cell of a (method, task) group: its group's mean, else its method's, else
         every finished cell's, else the running cells' ``extrapolated`` totals (1.0, a cell, with no timing)."""
-        walls = [w for _, w in self._finished]
-        if not any(walls):
+        if not self._walls:
             fallback = sum(extrapolated) / len(extrapolated) if extrapolated else 1.0
             return lambda group: fallback
         by_group: dict[tuple[str, str], list[float]] = {}
         by_method: dict[str, list[float]] = {}
-        for group, wall in self._finished:
+        for group, wall in self._walls:
             if group is not None:
                 by_group.setdefault(group, []).append(wall)
                 by_method.setdefault(group[0], []).append(wall)
-        overall = sum(walls) / len(walls)
+        overall = sum(w for _, w in self._walls) / len(self._walls)
 
         def price(group: tuple[str, str] | None) -> float:
             same = by_group.get(group) if group is not None else None
@@ -118,23 +129,37 @@ class Progress:
 
         return price
 
-    def eta(self, elapsed: float, now: float | None = None) -> float:
+    def _own_left(self, run_id: str, now: float) -> tuple[float, float] | None:
+        """``(seconds left, seconds a whole cell takes)`` of a running cell at its own pace, or None."""
+        first, latest = self._first.get(run_id), self._latest.get(run_id)
+        if first is None or latest is None:
+            return None
+        moved, took = latest[1] - first[1], latest[0] - first[0]
+        if moved < self.EXTRAPOLATE_FROM or took <= 0:
+            return None
+        per_unit = took / moved
+        return max(0.0, (1.0 - min(latest[1], 1.0)) * per_unit - (now - latest[0])), per_unit
+
+    def eta(self, elapsed: float) -> float:
         """Seconds left: the expected cost still to run over the rate at which cost has been done so far
-        (finished cells at their wall time, running ones at their time so far); NaN before any report."""
-        now = time.monotonic() if now is None else now
-        own: dict[str, float] = {}  # running cells priced by their own pace
-        for run_id, (_, frac, _) in self.running.items():
-            if frac >= self.EXTRAPOLATE_FROM and run_id in self._since:
-                own[run_id] = max(0.0, now - self._since[run_id]) / min(frac, 1.0)
-        price = self._pricer(list(own.values()))
-        timed = any(w for _, w in self._finished) or bool(own)  # else the unit is a cell, not a second
-        done = sum(w if timed else 1.0 for _, w in self._finished)
+        (finished cells at their wall time, running ones at their fraction of their expected cost); NaN before
+        any report. Call with ``_lock`` held (``line`` does)."""
+        now = self.clock()
+        own = {run_id: o for run_id in self.running if (o := self._own_left(run_id, now)) is not None}
+        price = self._pricer([whole for _, whole in own.values()])
+        timed = bool(self._walls) or bool(own)  # else the unit is a cell, not a second
+        done = sum(w for _, w in self._walls) if timed else float(self.done)
         left = 0.0
         for run_id, (_, frac, _) in self.running.items():
-            cost = own[run_id] if run_id in own else price(self._groups.get(run_id))
             frac = min(max(frac, 0.0), 1.0)
-            done += frac * cost
-            left += (1.0 - frac) * cost
+            if run_id in own:
+                mine_left, whole = own[run_id]
+                done += max(0.0, whole - mine_left)
+                left += mine_left
+            else:
+                cost = price(self._groups.get(run_id))
+                done += frac * cost
+                left += (1.0 - frac) * cost
         unstarted = [g for run_id, g in self._groups.items()
                      if run_id not in self.running and run_id not in self._finished_ids]
         left += sum(price(g) for g in unstarted)
@@ -143,12 +168,11 @@ class Progress:
         if done <= 0:
             return float("nan")
         # no sooner than the slowest running cell at its own pace: the rate so far may count workers that will idle
-        own_left = max(((1.0 - min(self.running[r][1], 1.0)) * own[r] for r in own), default=0.0)
-        return max(elapsed / done * left, own_left)
+        return max(elapsed / done * left, max((mine for mine, _ in own.values()), default=0.0))
 
     def line(self) -> str:
         with self._lock:
-            elapsed = time.monotonic() - self.start
+            elapsed = self.clock() - self.start
             eta = self.eta(elapsed)
             parts = [f"{self.done}/{self.total} done", f"{self.failed} failed" if self.failed else "",
                      f"elapsed {_fmt_time(elapsed)}", f"ETA {_fmt_time(eta)}" if eta == eta else "ETA ?"]
@@ -198,8 +222,11 @@ def _worker_execute(cell: Cell, results_root: str, cache_root: str, threads: int
     return execute_cell(cell, results_root, cache_root, threads, device, progress=_worker_progress)
 
 
-def _worker_prepare(cell: Cell, cache_root: str, threads: int, device: str) -> str | None:
-    return execute_prepare(cell, cache_root, threads, device, progress=_worker_progress)
+def _worker_prepare(cell: Cell, cache_root: str, threads: int, device: str) -> tuple[str | None, float]:
+    """The build's error (None: built) and its own seconds (a build queued behind others waits in the pool)."""
+    t0 = time.monotonic()
+    err = execute_prepare(cell, cache_root, threads, device, progress=_worker_progress)
+    return err, time.monotonic() - t0
 
 
 @contextlib.contextmanager
@@ -245,19 +272,18 @@ class LocalExecutor:
         progress = Progress(total=len(groups), stream=stream, cells=groups)
         labels = {cell.run_id: f"preparing {cell.method}/{cell.task}" for cell in groups}
 
-        def started(cell: Cell) -> float:
+        def started(cell: Cell) -> None:
             progress.started(cell, label=labels[cell.run_id])
-            return time.monotonic()
 
-        def finished(cell: Cell, err: str | None, t0: float) -> None:
-            progress.finished(CellResult(cell.run_id, labels[cell.run_id], "failed" if err else "ok", err,
-                                         time.monotonic() - t0))
+        def finished(cell: Cell, err: str | None, seconds: float) -> None:
+            progress.finished(CellResult(cell.run_id, labels[cell.run_id], "failed" if err else "ok", err, seconds))
 
         if self.workers == 1:
             for cell in groups:
-                t0 = started(cell)
-                finished(cell, execute_prepare(cell, cache_root, self.threads, self.device,
-                                               progress=self._reporter(progress)), t0)
+                started(cell)
+                t0 = time.monotonic()
+                err = execute_prepare(cell, cache_root, self.threads, self.device, progress=self._reporter(progress))
+                finished(cell, err, time.monotonic() - t0)
         else:
             spawn = mp.get_context("spawn")
             q = spawn.Queue()
@@ -266,19 +292,18 @@ class LocalExecutor:
             with _drained(q, progress), pool:
                 futures = {}
                 for cell in groups:  # started before submitted: a report that comes first would be dropped
-                    t0 = started(cell)
-                    futures[pool.submit(_worker_prepare, cell, cache_root, self.threads, self.device)] = (cell, t0)
+                    started(cell)
+                    futures[pool.submit(_worker_prepare, cell, cache_root, self.threads, self.device)] = cell
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                     progress.tick(self.progress_every)
                     for fut in done:
                         try:
-                            err = fut.result()
+                            err, seconds = fut.result()
                         except Exception as e:  # a worker that died; the runs retry the build themselves
-                            err = f"{type(e).__name__}: {e}"
-                        cell, t0 = futures[fut]
-                        finished(cell, err, t0)
+                            err, seconds = f"{type(e).__name__}: {e}", 0.0
+                        finished(futures[fut], err, seconds)
         if progress.failed:
             stream.write(f"{progress.failed} shared artifact build(s) failed; their runs will retry the build "
                          "and store the error if it recurs\n")

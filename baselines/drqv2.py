@@ -178,6 +178,8 @@ _MEDIUM = {"acrobot-swingup", "cartpole-swingup_sparse", "cheetah-run", "finger-
 _TASK_SETTINGS: dict[str, dict[str, Any]] = {
     **{name: {"std_schedule": Linear(1.0, 0.1, 1_000_000)} for name in _MEDIUM},  # medium: 500k agent steps
     "walker-*": {"nstep": 1, "batch_size": 512},
+    # hard (humanoid_stand / walk / run): std over 2M agent steps, lr 8e-5, feature_dim 100
+    "humanoid-*": {"std_schedule": Linear(1.0, 0.1, 4_000_000), "lr": 8e-5, "feature_dim": 100},
 }
 _TASK_SETTINGS["quadruped-run"] = {**_TASK_SETTINGS["quadruped-run"], "buffer_size": 100_000}
 

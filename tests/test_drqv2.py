@@ -99,6 +99,12 @@ def test_plugin_dmc_task_gets_its_domains_reference_settings(monkeypatch):
                        kwargs={**get_task("DMC-walker-walk-v0").kwargs, "task": "stand"})
     monkeypatch.setattr(tasks, "list_tasks", lambda: [stand])
     assert DrQV2().task_presets["quick"] == {"Plugin-walker-stand-v0": {"nstep": 1}}
+    # the reference's hard tasks (humanoid) too, though the registry ships none
+    run = dc.replace(stand, id="Plugin-humanoid-run-v0", kwargs={**stand.kwargs, "domain": "humanoid", "task": "run"})
+    monkeypatch.setattr(tasks, "list_tasks", lambda: [run])
+    assert DrQV2().task_presets["paper"] == {"Plugin-humanoid-run-v0": {
+        "std_schedule": Linear(1.0, 0.1, 4_000_000), "lr": 8e-5, "feature_dim": 100}}
+    assert DrQV2().task_presets["quick"] == {"Plugin-humanoid-run-v0": {"lr": 8e-5, "feature_dim": 100}}
 
 
 def test_quick_arr_interval_is_a_recorded_deviation():

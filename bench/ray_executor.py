@@ -28,10 +28,14 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tarfile
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -254,6 +258,22 @@ class _ProgressSink:
 
 
 # ---------------------------------------------------------------------------------------------- executor
+@contextmanager
+def _interrupt_flag() -> Iterator[threading.Event]:
+    """While the block runs, Ctrl-C (SIGINT) sets the event instead of raising where it lands: delivered while the
+    driver waits inside Ray (``ray.wait`` / ``ray.get``), the KeyboardInterrupt could be lost there and the sweep
+    went on to its end (seen once in CI under load). The loop checks the event every second and raises then."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class RayExecutor:
     """Runs cells as Ray tasks on the cluster at ``address`` (``None``: ``RAY_ADDRESS`` or a local Ray)."""
 
@@ -382,6 +402,11 @@ class RayExecutor:
         worker_cache = self._worker_cache(cache_root)
         sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
         task = ray.remote(_run_task)
+        with _interrupt_flag() as interrupted:
+            return self._drive(ray, cells, store, placed, worker_cache, sink, task, interrupted, progress)
+
+    def _drive(self, ray, cells, store, placed, worker_cache, sink, task, interrupted: threading.Event,
+               progress: Progress) -> list[CellResult]:
         inflight: dict[Any, Cell] = {}
         results: list[CellResult] = []
         finished: set[str] = set()
@@ -396,6 +421,8 @@ class RayExecutor:
                     self._shipments.get(_group_key(cell)), sink)
                 inflight[ref] = cell
             while inflight:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
                 ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=1.0)
                 self._show_progress(ray, sink, by_id, finished, progress)
                 for ref in ready:

@@ -798,6 +798,16 @@ class DrQV2:
             return f"{self.name} needs a control task with pixel observations and continuous actions"
         return True
 
+    def resources(self, task: TaskSpec, preset: str, config: Config) -> dict[str, float]:
+        """What one run asks of a Ray node: one CPU (the reference is one process); at the paper preset a GPU
+        (``--device auto`` drops it where the cluster has none) and the replay's frames (one 3-channel frame per
+        agent step, up to ``buffer_size``; :class:`Trainer`) plus 3 GiB for the process, at the other presets the
+        replay plus 0.5 GiB."""
+        steps = min(config.buffer_size, task.budget(preset).train_steps // int(task.kwargs.get("action_repeat", 2)))
+        frame = 3 * config.image_size ** 2
+        overhead = 3 * 2**30 if preset == "paper" else 2**29
+        return {"num_cpus": 1, "num_gpus": 1 if preset == "paper" else 0, "memory": steps * frame + overhead}
+
     def run(self, ctx: RunContext) -> None:
         cfg = ctx.config  # with the task's reference settings (task_presets)
         encoder = pretrained_encoder(ctx, cfg) if cfg.pretrain_encoder else None

@@ -30,9 +30,11 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- list
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "tasks":
+        from bench.config import check_preset
         from tasks import list_tasks
         from tasks.references import get_references
 
+        check_preset(args.preset)  # before any reference is measured
         rows = []
         for spec in list_tasks():
             splits = f"{len(spec.train_tasks)}/{len(spec.test_tasks)}" if spec.train_tasks else "-"
@@ -60,7 +62,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             from bench.method import support_reason
 
             n = sum(support_reason(method, s) is None for s in specs)
-            doc = (type(method).__doc__ or "").strip().split("\n")[0]
+            doc = " ".join((type(method).__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
             rows.append([name, reg.provider(name), f"{n}/{len(specs)}", doc])
         print(_table(rows, ["method", "provider", "tasks", "description"]))
     elif args.what == "presets":
@@ -84,7 +86,7 @@ def _split(values: list[str] | None) -> list[str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import check_preset, parse_set_args
     from bench.executor import LocalExecutor, run_sweep
-    from bench.runner import expand_methods, expand_tasks, get_suite, make_plan, suite_plan
+    from bench.runner import check_device, expand_methods, expand_tasks, get_suite, make_plan, suite_plan
     from bench.store import ResultsStore
 
     suite = get_suite(args.suite) if args.suite else None
@@ -97,11 +99,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     if n_seeds < 1:
         raise AdaptBenchError(f"--seeds must be >= 1, got {n_seeds}")
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+    if args.first_seed < 0:
+        raise AdaptBenchError(f"--first-seed must be >= 0, got {args.first_seed}")
+    if args.workers < 1:
+        raise AdaptBenchError(f"--workers must be >= 1, got {args.workers}")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise AdaptBenchError(f"--torch-threads must be >= 1, got {args.torch_threads}")
+    check_device(args.device, here=args.executor != "ray")
     overrides = parse_set_args(args.set or [])
     if suite is not None:
         plan = suite_plan(suite, seeds, preset, overrides, methods, tasks)
     else:
         plan = make_plan(methods, tasks, seeds, preset, overrides)  # type: ignore[arg-type]
+    if not plan.cells:  # every pair unsupported: say why instead of a silent "0 to run"
+        reasons = "".join(f"\n  {m}/{t}: {why}" for m, t, why in plan.skipped)
+        raise AdaptBenchError("nothing to run: no method in this plan supports any of its tasks" + reasons
+                              + ("\n(with one block, --methods / --tasks replace the suite's own)" if suite else ""))
     methods = sorted({c.method for c in plan.cells} | {m for m, _, _ in plan.skipped})
     tasks = sorted({c.task for c in plan.cells} | {t for _, t, _ in plan.skipped})
 
@@ -113,8 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         todo_ids = {c.run_id for c in todo}
         print(f"plan: preset {preset}, {len(methods)} method(s) x {len(tasks)} task(s) x {len(seeds)} seed(s)")
         for c in plan.cells:
-            state = "run" if c.run_id in todo_ids else store.status(c.run_id)
-            print(f"  {state:7s} {c.label}  ({c.run_id})")
+            stored = store.status(c.run_id)
+            state = "run" if c.run_id in todo_ids else stored
+            note = "  [the stored record is corrupt: it runs again]" if stored == "corrupt" else ""
+            print(f"  {state:7s} {c.label}  ({c.run_id}){note}")
         for m, t, why in plan.skipped:
             print(f"  skip    {m}/{t}: {why}")
         print(f"{len(todo)} to run, {len(plan.cells) - len(todo)} stored, {len(plan.skipped)} pair(s) skipped")
@@ -141,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 reason = store.read_meta(c.run_id).get("reason")
             except AdaptBenchError as e:
                 reason = str(e)
-            print(f"  FAILED {c.label}: {reason}  (results/runs/{c.run_id})", file=sys.stderr)
+            print(f"  FAILED {c.label}: {reason}  ({store.runs / c.run_id})", file=sys.stderr)
         print("re-run with --retry-failed to run failed cells again", file=sys.stderr)
         return EXIT_FAILED_RUNS
     return 0
@@ -151,6 +166,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.leaderboard import build_leaderboard
 
+    runs = Path(args.results_dir) / "runs"
+    if not runs.is_dir():
+        what = "is not a directory" if Path(args.results_dir).exists() and not Path(args.results_dir).is_dir() \
+            else f"has no run records (no `{runs}`)"
+        raise AdaptBenchError(f"--results-dir `{args.results_dir}` {what}: run `bench run` into it first")
     report = build_leaderboard(args.results_dir, out_dir=args.out_dir, plots=not args.no_plots,
                                seed=args.bootstrap_seed, reps=args.reps)
     for line in report.messages:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any
@@ -89,14 +90,19 @@ def _coerce(name: str, raw: Any, tp: Any) -> Any:
                 pass
         raise ConfigError(f"config field `{name}` expects an int, got {raw!r}")
     if tp is float:
+        value = None
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, str):
+            value = float(raw)
+        elif isinstance(raw, str):
             try:
-                return float(raw)
+                value = float(raw)
             except ValueError:
                 pass
-        raise ConfigError(f"config field `{name}` expects a float, got {raw!r}")
+        if value is None:
+            raise ConfigError(f"config field `{name}` expects a float, got {raw!r}")
+        if not math.isfinite(value):  # a nan learning rate would train to nan under a new, valid-looking run id
+            raise ConfigError(f"config field `{name}` expects a finite float, got {raw!r}")
+        return value
     if tp is str:
         if isinstance(raw, str):
             return raw

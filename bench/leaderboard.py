@@ -303,7 +303,7 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
     report = LeaderboardReport(out / "leaderboard.md", out / "leaderboard.csv", messages=messages)
     if runs.empty:
         md.append("No completed runs yet. Run `bench run --suite smoke` first.")
-    for (family, preset), g in runs.groupby(["family", "preset"], sort=True):
+    for (family, preset), g in (() if runs.empty else runs.groupby(["family", "preset"], sort=True)):
         what = ("final = mean normalised score over the last 10% of in-context episodes on held-out tasks; "
                 "first = the first in-context episode; in-context impr. = final − first; episodes to plateau = "
                 "episodes until the 10-episode trailing mean reaches 90% of final, shown for a final above "

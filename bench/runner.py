@@ -7,9 +7,11 @@ same command finds finished cells in the store and skips them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import platform
 import random
+import re
 import socket
 import subprocess
 import time
@@ -213,6 +215,9 @@ def make_plan(
     overrides = overrides or {}
     for target in overrides:
         if target is not None and target not in methods:
+            if target in method_registry():
+                raise AdaptBenchError(f"--set {target}.…: method `{target}` is not in this plan (its methods: "
+                                      f"{', '.join(methods)}); add it to --methods or drop the override")
             raise UnknownNameError("method in override", target, methods)
     global_over = overrides.get(None, {})
     cells, skipped = [], []
@@ -314,7 +319,31 @@ def environment_info() -> dict[str, Any]:
             "host": socket.gethostname(), "platform": platform.platform()}
 
 
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def check_device(device: str, here: bool = True) -> str:
+    """``device`` if it is ``auto``, ``cpu`` or ``cuda[:N]``; with ``here`` (runs on this machine, not on Ray
+    workers), a CUDA device this machine's torch cannot use is refused before any run starts, rather than every
+    run failing (or a CPU-only method storing ``cuda`` as its device)."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        close = difflib.get_close_matches(str(device), ["auto", "cpu", "cuda"], n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise AdaptBenchError(f"unknown device `{device}`: use auto, cpu or cuda[:N].{hint}")
+    if here and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AdaptBenchError(f"--device {device}: this machine's torch has no CUDA device "
+                                  f"(torch {torch.__version__}); use --device cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise AdaptBenchError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def resolve_device(device: str) -> str:
+    check_device(device, here=False)
     if device != "auto":
         return device
     import torch

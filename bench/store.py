@@ -222,13 +222,18 @@ class ResultsStore:
         return RunRecord(run_id, meta, curve)
 
     def status(self, run_id: str) -> str:
-        """``missing``, ``ok``, ``failed`` or ``corrupt`` (a cheap check: meta only)."""
+        """``missing``, ``ok``, ``failed`` or ``corrupt``: the meta, and the curve's checksum (a truncated or edited
+        curve is ``corrupt``, so ``bench run`` computes the run again instead of counting it stored)."""
         if not (self.runs / run_id).exists():
             return "missing"
         try:
-            return self.read_meta(run_id)["status"]
+            meta = self.read_meta(run_id)
         except CorruptRecordError:
             return "corrupt"
+        curve = self.runs / run_id / "curve.parquet"
+        if not curve.is_file() or _sha256(curve) != meta["curve_sha256"]:
+            return "corrupt"
+        return meta["status"]
 
     def run_ids(self) -> list[str]:
         if not self.runs.is_dir():

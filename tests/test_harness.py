@@ -193,8 +193,25 @@ def test_store_atomic_roundtrip_and_corruption(tmp_path):
     with pytest.raises(CorruptRecordError, match="not valid JSON"):
         store.read("r2")
     assert store.status("r2") == "corrupt"
+    assert store.status("r1") == "corrupt"  # the truncated curve: `bench run` computes it again
     errors = [r for r in store.iter_records() if isinstance(r, CorruptRecordError)]
     assert len(errors) == 2
+
+
+def test_run_recomputes_a_record_whose_curve_was_truncated(results_dir, cache_dir, capsys):
+    args = ("--methods", "random", "--tasks", "DarkRoom-v0", "--preset", "smoke")
+    assert _run(results_dir, cache_dir, *args) == 0
+    (record,) = (p for p in (results_dir / "runs").iterdir() if not p.name.startswith("."))
+    curve = record / "curve.parquet"
+    good = curve.read_bytes()
+    curve.write_bytes(good[:100])
+    capsys.readouterr()
+    assert _run(results_dir, cache_dir, *args, "--dry-run") == 0
+    assert "the stored record is corrupt: it runs again" in capsys.readouterr().out
+    assert _run(results_dir, cache_dir, *args) == 0
+    assert "0 already stored, 1 to run" in capsys.readouterr().err
+    assert curve.read_bytes() == good  # the same seed computes the same curve
+    assert ResultsStore(results_dir).status(record.name) == "ok"
 
 
 def test_store_cleans_tmp_of_dead_process(tmp_path):
@@ -279,9 +296,13 @@ def test_unsupported_pairs_are_skipped_with_reason(test_methods, capsys, results
     reasons = {(m, t): r for m, t, r in plan.skipped}
     assert reasons[("test-boom", "DMC-cartpole-swingup-v0")] == "in-context only"
     assert "planner" in reasons[("oracle", "DMC-cartpole-swingup-v0")]
-    assert main(["run", "--methods", "oracle", "--tasks", "DMC-cartpole-swingup-v0", "--dry-run",
+    assert main(["run", "--methods", "oracle,random", "--tasks", "DMC-cartpole-swingup-v0", "--dry-run",
                  "--results-dir", str(results_dir)]) == 0
     assert "skip    oracle/DMC-cartpole-swingup-v0" in capsys.readouterr().out
+    # nothing at all to run: an error naming why, not a silent "0 to run"
+    assert main(["run", "--methods", "oracle", "--tasks", "DMC-cartpole-swingup-v0", "--dry-run",
+                 "--results-dir", str(results_dir)]) == 2
+    assert "nothing to run" in (err := capsys.readouterr().err) and "shortest-path planner" in err
 
 
 def test_config_presets_and_overrides_change_run_id(test_methods):
@@ -401,11 +422,43 @@ def test_budget_is_part_of_the_run_id_and_eval_trials_repeat_the_test_split():
         (["run", "--suite", "smok"], "Did you mean `smoke`"),
         (["run", "--suite", "smoke", "--preset", "quik"], "Did you mean `quick`"),
         (["run", "--suite", "smoke", "--set", "nosuchfield=1"], "nosuchfield"),
+        (["run", "--methods", "ad", "--tasks", "DarkRoom-v0", "--set", "ad.learning_rate=nan"], "finite float"),
+        (["run", "--methods", "ad", "--tasks", "DarkRoom-v0", "--set", "ad.learning_rate=inf"], "finite float"),
+        (["run", "--methods", "ad", "--tasks", "DarkRoom-v0", "--set", "drqv2.batch_size=64"],
+         "method `drqv2` is not in this plan"),
+        (["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--device", "gpu"], "unknown device `gpu`"),
+        (["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--workers", "0"], "--workers must be >= 1"),
+        (["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--torch-threads", "0"],
+         "--torch-threads must be >= 1"),
+        (["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--first-seed", "-1"], "--first-seed must be"),
+        (["run", "--suite", "icrl", "--methods", "drqv2"], "nothing to run"),
     ],
 )
 def test_bad_input_exits_2_with_close_matches(args, needle, capsys, results_dir):
     assert main([*args, "--results-dir", str(results_dir), "--dry-run"]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_cuda_device_without_cuda_is_refused_before_any_run(capsys, results_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--device", "cuda",
+                 "--results-dir", str(results_dir)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (results_dir / "runs").exists() or not any((results_dir / "runs").iterdir())
+
+
+def test_leaderboard_of_a_directory_without_runs_exits_2(tmp_path, capsys):
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "nothing"), "--no-plots"]) == 2
+    assert "has no run records" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "afile"), "--no-plots"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "empty" / "runs").mkdir(parents=True)  # a runs/ directory with nothing (or only corrupt) in it
+    assert main(["leaderboard", "--results-dir", str(tmp_path / "empty"), "--no-plots"]) == 0
+    assert "No completed runs yet" in (tmp_path / "empty" / "leaderboard.md").read_text()
 
 
 def test_leaderboard_regenerates_identically(results_dir, cache_dir):

@@ -416,3 +416,19 @@ def test_ctrl_c_cancels_outstanding_runs_then_resume(cluster, tmp_path, spawn):
     slow = [store.read(i) for i in store.run_ids() if store.read_meta(i)["method"] == "raytest-slow"]
     assert len(slow) == 1 and slow[0].status == "ok"
     assert isinstance(slow[0].curve, pd.DataFrame) and slow[0].curve["value"].tolist() == [2.0]
+
+
+def test_builtin_methods_declare_their_resources():
+    """DrQ-v2 asks for its replay's memory and, at the paper preset, a GPU; AD / ED a GPU at the paper preset (where a
+    cluster has none, ``--device auto`` drops it: :func:`placed_resources`)."""
+    walker = run_resources(Cell("drqv2", "DMC-walker-walk-v0", 0, "paper", None))
+    steps = 1_100_000 // 2  # walker-walk's paper budget (1.1M frames), action repeat 2; under the 1M buffer
+    assert walker == Resources(1.0, 1.0, steps * 3 * 84 * 84 + 3 * 2**30)
+    quadruped = run_resources(Cell("drqv2-noaug", "DMC-quadruped-run-v0", 0, "paper", None))
+    assert quadruped.memory == 100_000 * 3 * 84 * 84 + 3 * 2**30  # the reference's 100k buffer there
+    quick = run_resources(Cell("drqv2", "DMC-cartpole-swingup-v0", 0, "quick", None))
+    assert quick.num_gpus == 0 and quick.memory < 2**30
+    for method in ("ad", "ed"):
+        assert run_resources(Cell(method, "DarkRoom-v0", 0, "paper", None)) == Resources(1.0, 1.0, 0)
+        assert run_resources(Cell(method, "DarkRoom-v0", 0, "quick", None)) == Resources(1.0, 0.0, 0)
+    assert placed_resources(walker, "auto", False).num_gpus == 0

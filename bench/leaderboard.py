@@ -142,8 +142,9 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
             csv.append({"method": m, "task": f"aggregate/{name}", "metric": "final", "value": iv.point,
                         "ci_low": iv.low, "ci_high": iv.high, "seeds": len(seeds)})
         extra_metrics = ["first", "improvement", "plateau"] if family == "in-context" else ["auc", "fau_critic"]
+        common = g[g["seed"].isin(seeds)]  # a seed's mean over tasks, on the seeds every task has (as the aggregates)
         for metric in extra_metrics:
-            vals = g.groupby("seed")[metric].mean().dropna().to_numpy()
+            vals = common.groupby("seed")[metric].mean().dropna().to_numpy()
             label = {"first": "First ep.", "improvement": "In-context impr.", "plateau": "Episodes to plateau",
                      "auc": "AUC", "fau_critic": "Critic FAU"}[metric]
             line[label] = "–"  # the column keeps its place where no run has the metric
@@ -162,7 +163,9 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
             raw = g[g["task"] == t]["raw_final"].mean()
             csv.append({"method": m, "task": t, "metric": "final", "value": iv.point, "ci_low": iv.low,
                         "ci_high": iv.high, "seeds": len(vals), "raw_return": raw})
-        line["Seeds"] = str(len(seeds))
+        more = {t: n for t, n in g.groupby("task")["seed"].nunique().items() if n != len(seeds)}
+        line["Seeds"] = str(len(seeds)) + (f" ({', '.join(f'{t}: {n}' for t, n in sorted(more.items()))})"
+                                           if more else "")  # a task column's own count where it has more
         line["Deviations from paper"] = _method_deviations(g)
         table.append(line)
     df = pd.DataFrame(table).sort_values(["_iqm", "method"], ascending=[False, True]).drop(columns="_iqm")
@@ -312,7 +315,9 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path | None = None
                 "final = normalised return at the last evaluation; AUC = normalised area under the learning curve; "
                 "critic FAU = fraction of active units of the critic at the end of training")
         table, csv = family_table(g, seed, reps)
-        md += [f"## {family} — preset `{preset}`", "", what + ".", "", _md(table), "",
+        md += [f"## {family} — preset `{preset}`", "", what + ". Seeds: those every task of the method has (the "
+               "aggregates and the columns beside them use these); a task column uses all of its task's seeds, "
+               "counted in brackets where there are more.", "", _md(table), "",
                "Raw returns (final, mean over seeds):", "", _md(raw_table(g).reset_index()), ""]
         csv_parts.append(csv.assign(family=family, preset=preset))
     switches = arr_switch_table(runs)

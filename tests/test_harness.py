@@ -340,6 +340,22 @@ def test_a_per_task_preset_reaches_the_run_its_id_record_and_leaderboard(test_me
                                                       "layers=2 (paper 4) on DarkKeyToDoor-v0")
 
 
+def test_leaderboard_row_with_more_seeds_on_one_task():
+    """A method with 3 seeds on one task and 5 on another: the aggregates and the first / improvement columns use the
+    3 seeds both tasks have, the task column all 5, and the Seeds column says so."""
+    from bench.leaderboard import family_table
+
+    rows = [{"family": "in-context", "method": "m", "task": t, "seed": s, "final": float(10 * s), "raw_final": 0.0,
+             "first": float(s), "improvement": float(9 * s), "plateau": 1.0, "deviation_items": []}
+            for t, seeds in (("A-v0", range(3)), ("B-v0", range(5))) for s in seeds]
+    table, csv = family_table(pd.DataFrame(rows), 0, 100)
+    row = table.iloc[0]
+    assert row["Seeds"] == "3 (B-v0: 5)"
+    assert row["First ep."].startswith("1.0 ")  # seeds 0, 1, 2: mean 1 (all five seeds of B would give 2)
+    assert row["B-v0"].startswith("20.0 ") and row["A-v0"].startswith("10.0 ")
+    assert csv[(csv["task"] == "B-v0")]["seeds"].item() == 5
+
+
 def test_a_bad_per_task_preset_is_named():
     bad = type("M", (), {"name": "m", "Config": _Cfg, "task_presets": {"quick": {"DarkRoom-v0": {"layer": 2}}}})()
     with pytest.raises(ConfigError, match="preset `quick` on task `DarkRoom-v0`.*Did you mean `layers`"):

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="[METHOD.]FIELD=VALUE", help="typed config override")
     run.add_argument("--workers", type=int, default=1, help="parallel worker processes (local executor)")
     run.add_argument("--torch-threads", type=int, help="torch threads per worker (default: cores / workers)")
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    run.add_argument("--device", default="auto", help="auto | cpu | mps | cuda[:N]")
     run.add_argument("--executor", choices=["local", "ray"], default="local")
     run.add_argument("--address", help="Ray cluster address (with --executor ray)")
     run.add_argument("--worker-cache-dir", help="cache directory on the Ray workers (default: --cache-dir); "

@@ -319,17 +319,23 @@ def environment_info() -> dict[str, Any]:
             "host": socket.gethostname(), "platform": platform.platform()}
 
 
-_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 def check_device(device: str, here: bool = True) -> str:
-    """``device`` if it is ``auto``, ``cpu`` or ``cuda[:N]``; with ``here`` (runs on this machine, not on Ray
+    """``device`` if it is ``auto``, ``cpu``, ``mps`` or ``cuda[:N]``; with ``here`` (runs on this machine, not on Ray
     workers), a CUDA device this machine's torch cannot use is refused before any run starts, rather than every
     run failing (or a CPU-only method storing ``cuda`` as its device)."""
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        close = difflib.get_close_matches(str(device), ["auto", "cpu", "cuda"], n=1)
+        close = (["cuda"] if str(device).lower().startswith("gpu")
+                 else difflib.get_close_matches(str(device), ["auto", "cpu", "mps", "cuda"], n=1))
         hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise AdaptBenchError(f"unknown device `{device}`: use auto, cpu or cuda[:N].{hint}")
+        raise AdaptBenchError(f"unknown device `{device}`: use auto, cpu, mps or cuda[:N].{hint}")
+    if here and device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise AdaptBenchError("--device mps: this machine's torch has no MPS device; use --device cpu or auto")
     if here and device.startswith("cuda"):
         import torch
 

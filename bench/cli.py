@@ -105,7 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise AdaptBenchError(f"--workers must be >= 1, got {args.workers}")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise AdaptBenchError(f"--torch-threads must be >= 1, got {args.torch_threads}")
-    check_device(args.device, here=args.executor != "ray")
+    check_device(args.device, here=args.executor != "ray" and not args.dry_run)
+    if args.executor == "ray" and not (args.device in ("auto", "cpu") or args.device.startswith("cuda")):
+        raise AdaptBenchError(f"--device {args.device} with --executor ray: Ray places runs on CPUs and CUDA GPUs "
+                              f"only; use --device auto, cpu or cuda")
     overrides = parse_set_args(args.set or [])
     if suite is not None:
         plan = suite_plan(suite, seeds, preset, overrides, methods, tasks)
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="[METHOD.]FIELD=VALUE", help="typed config override")
     run.add_argument("--workers", type=int, default=1, help="parallel worker processes (local executor)")
     run.add_argument("--torch-threads", type=int, help="torch threads per worker (default: cores / workers)")
-    run.add_argument("--device", default="auto", help="auto | cpu | mps | cuda[:N]")
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps | xpu[:N]")
     run.add_argument("--executor", choices=["local", "ray"], default="local")
     run.add_argument("--address", help="Ray cluster address (with --executor ray)")
     run.add_argument("--worker-cache-dir", help="cache directory on the Ray workers (default: --cache-dir); "

@@ -19,6 +19,7 @@ from bench.runner import (
     Cell,
     CellResult,
     Plan,
+    check_device,
     default_torch_threads,
     execute_cell,
     execute_prepare,
@@ -258,6 +259,7 @@ class LocalExecutor:
                  progress_every: float = 10.0) -> None:
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
+        check_device(device, here=False)  # a malformed device fails here, not as one failed record per run
         self.workers = workers
         self.threads = torch_threads or default_torch_threads(workers)
         self.device = device

@@ -43,7 +43,15 @@ from typing import Any, TextIO
 from bench.executor import Progress
 from bench.method import ArtifactCache, RunLogger, stable_hash
 from bench.registry import AdaptBenchError
-from bench.runner import Cell, CellResult, compute_cell, discard_checkpoint, make_context, stored_elsewhere
+from bench.runner import (
+    Cell,
+    CellResult,
+    check_device,
+    compute_cell,
+    discard_checkpoint,
+    make_context,
+    stored_elsewhere,
+)
 from bench.store import ResultsStore
 
 INSTALL_HINT = 'pip install "adapt-bench[ray]"'
@@ -281,6 +289,10 @@ class RayExecutor:
                  worker_cache_dir: str | None = None, max_retries: int = 3, progress_every: float = 10.0) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        check_device(device, here=False)
+        if not (device in ("auto", "cpu") or device.startswith("cuda")):
+            raise AdaptBenchError(f"device `{device}`: Ray places runs on CPUs and CUDA GPUs only; "
+                                  f"use auto, cpu or cuda")
         self.address = address
         # Ray exposes a task's GPUs as devices 0..n-1 (CUDA_VISIBLE_DEVICES), so an index means nothing there
         self.device = "cuda" if device.startswith("cuda") else device

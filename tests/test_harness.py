@@ -448,11 +448,29 @@ def test_budget_is_part_of_the_run_id_and_eval_trials_repeat_the_test_split():
          "--torch-threads must be >= 1"),
         (["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--first-seed", "-1"], "--first-seed must be"),
         (["run", "--suite", "icrl", "--methods", "drqv2"], "nothing to run"),
+        # a multi-block suite filtered by --methods: an override of a method left out is refused, not dropped
+        (["run", "--suite", "icrl-ablations", "--methods", "ad-ctx1", "--tasks", "DarkRoom-v0",
+          "--set", "ad.learning_rate=1e-3"], "`ad`: not in this plan"),
+        (["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--executor", "ray", "--device", "mps"],
+         "Ray places runs on CPUs and CUDA GPUs only"),
     ],
 )
 def test_bad_input_exits_2_with_close_matches(args, needle, capsys, results_dir):
     assert main([*args, "--results-dir", str(results_dir), "--dry-run"]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_device_strings():
+    from bench.executor import LocalExecutor
+    from bench.runner import check_device
+
+    for ok in ("auto", "cpu", "cuda", "cuda:1", "cpu:0", "xpu:2"):
+        assert check_device(ok, here=False) == ok
+    for bad in ("gpu", "cuda:", "cuda 0", "CPU", ""):
+        with pytest.raises(AdaptBenchError, match="unknown device"):
+            check_device(bad, here=False)
+    with pytest.raises(AdaptBenchError, match="unknown device `gpu`.*Did you mean `cuda`"):
+        LocalExecutor(1, 1, "gpu")  # programmatic use is checked too, before any run
 
 
 def test_cuda_device_without_cuda_is_refused_before_any_run(capsys, results_dir):
@@ -463,6 +481,9 @@ def test_cuda_device_without_cuda_is_refused_before_any_run(capsys, results_dir)
     assert main(["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--device", "cuda",
                  "--results-dir", str(results_dir)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+    # planning needs no device: the dry run of the same sweep lists it
+    assert main(["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--device", "cuda", "--dry-run",
+                 "--results-dir", str(results_dir)]) == 0
     assert not (results_dir / "runs").exists() or not any((results_dir / "runs").iterdir())
 
 

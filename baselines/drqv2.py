@@ -552,7 +552,7 @@ class Trainer:
         # deviations would name a size it never saw)
         size = {"size": cfg.image_size} if "size" in ctx.task.kwargs else {}
         self.env, self.eval_env = ctx.task.make(**size), ctx.task.make(**size)
-        self.repeat = int(ctx.task.kwargs.get("action_repeat", 2))
+        self.repeat = action_repeat(ctx.task)
         obs_shape = self.env.observation_space.shape
         if tuple(obs_shape[-2:]) != (cfg.image_size, cfg.image_size):
             self.env.close()
@@ -565,9 +565,7 @@ class Trainer:
         if encoder_state is not None:  # a pretrained encoder (a resumed run then loads the same one, checkpointed)
             self.agent.load_encoder(encoder_state)
         stack = int(ctx.task.kwargs.get("frame_stack", 3))
-        # never more slots than the run can fill: one per agent step plus one per episode start
-        steps = ctx.budget.train_steps // self.repeat
-        capacity = min(cfg.buffer_size, steps + steps // ctx.task.episode_length + 2)
+        capacity = replay_slots(ctx.task, ctx.budget.train_steps, cfg.buffer_size)
         self.rng, replay_rng = (np.random.default_rng(ctx.rng.integers(2**63)) for _ in range(2))
         self.replay = FrameReplay(max(capacity, stack + cfg.nstep + 1), (obs_shape[0] // stack, *obs_shape[1:]),
                                   action_dim, stack, cfg.nstep, cfg.discount, replay_rng)
@@ -780,6 +778,17 @@ def pretrained_encoder(ctx: RunContext, cfg: Config) -> dict[str, torch.Tensor]:
     return torch.load(path / "encoder.pt", weights_only=True, map_location=ctx.device)
 
 
+def action_repeat(task: TaskSpec) -> int:
+    return int(task.kwargs.get("action_repeat", 2))
+
+
+def replay_slots(task: TaskSpec, frames: int, buffer_size: int) -> int:
+    """Frames the replay holds in a run of ``frames`` env frames: one per agent step plus one per episode start,
+    never more than ``buffer_size`` (nor than the run can fill)."""
+    steps = frames // action_repeat(task)
+    return min(buffer_size, steps + steps // task.episode_length + 2)
+
+
 # ---------------------------------------------------------------------------------------------- methods
 class DrQV2:
     """DrQ-v2 on DMC pixels, logging FAU of critic, encoder and actor (Yarats et al. 2021; Ma et al. 2024)."""
@@ -803,10 +812,10 @@ class DrQV2:
         (``--device auto`` drops it where the cluster has none) and the replay's frames (one 3-channel frame per
         agent step, up to ``buffer_size``; :class:`Trainer`) plus 3 GiB for the process, at the other presets the
         replay plus 0.5 GiB."""
-        steps = min(config.buffer_size, task.budget(preset).train_steps // int(task.kwargs.get("action_repeat", 2)))
-        frame = 3 * config.image_size ** 2
+        slots = replay_slots(task, task.budget(preset).train_steps, config.buffer_size)
         overhead = 3 * 2**30 if preset == "paper" else 2**29
-        return {"num_cpus": 1, "num_gpus": 1 if preset == "paper" else 0, "memory": steps * frame + overhead}
+        return {"num_cpus": 1, "num_gpus": 1 if preset == "paper" else 0,
+                "memory": slots * 3 * config.image_size ** 2 + overhead}
 
     def run(self, ctx: RunContext) -> None:
         cfg = ctx.config  # with the task's reference settings (task_presets)

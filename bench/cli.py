@@ -98,17 +98,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     n_seeds = args.seeds if args.seeds is not None else (suite.seeds if suite else 1)
     if n_seeds < 1:
         raise AdaptBenchError(f"--seeds must be >= 1, got {n_seeds}")
-    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     if args.first_seed < 0:
         raise AdaptBenchError(f"--first-seed must be >= 0, got {args.first_seed}")
-    if args.workers < 1:
-        raise AdaptBenchError(f"--workers must be >= 1, got {args.workers}")
-    if args.torch_threads is not None and args.torch_threads < 1:
-        raise AdaptBenchError(f"--torch-threads must be >= 1, got {args.torch_threads}")
-    check_device(args.device, here=args.executor != "ray" and not args.dry_run)
-    if args.executor == "ray" and not (args.device in ("auto", "cpu") or args.device.startswith("cuda")):
-        raise AdaptBenchError(f"--device {args.device} with --executor ray: Ray places runs on CPUs and CUDA GPUs "
-                              f"only; use --device auto, cpu or cuda")
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+    # the executor checks its own arguments (workers, threads, device string), before planning or a dry run
+    if args.executor == "ray":
+        from bench.ray_executor import RayExecutor
+
+        executor = RayExecutor(address=args.address, device=args.device, torch_threads=args.torch_threads,
+                               worker_cache_dir=args.worker_cache_dir)
+    else:
+        executor = LocalExecutor(args.workers, args.torch_threads, args.device)
+        if not args.dry_run:  # planning needs no device; running here does
+            check_device(args.device)
     overrides = parse_set_args(args.set or [])
     if suite is not None:
         plan = suite_plan(suite, seeds, preset, overrides, methods, tasks)
@@ -140,13 +142,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     for m, t, why in plan.skipped:
         print(f"skip {m}/{t}: {why}", file=sys.stderr)
     store.ensure_writable()  # before any run starts
-    if args.executor == "ray":
-        from bench.ray_executor import RayExecutor
-
-        executor = RayExecutor(address=args.address, device=args.device, torch_threads=args.torch_threads,
-                               worker_cache_dir=args.worker_cache_dir)
-    else:
-        executor = LocalExecutor(args.workers, args.torch_threads, args.device)
     summary = run_sweep(plan, store, args.cache_dir, executor, args.retry_failed)
     failed = [c for c in plan.cells if store.status(c.run_id) in ("failed", "corrupt")]
     ok = len(plan.cells) - len(failed)

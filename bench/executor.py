@@ -15,11 +15,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from bench.registry import AdaptBenchError
 from bench.runner import (
     Cell,
     CellResult,
     Plan,
     check_device,
+    check_torch_threads,
     default_torch_threads,
     execute_cell,
     execute_prepare,
@@ -258,7 +260,8 @@ class LocalExecutor:
     def __init__(self, workers: int = 1, torch_threads: int | None = None, device: str = "auto",
                  progress_every: float = 10.0) -> None:
         if workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {workers}")
+            raise AdaptBenchError(f"--workers must be >= 1, got {workers}")
+        check_torch_threads(torch_threads)
         check_device(device, here=False)  # a malformed device fails here, not as one failed record per run
         self.workers = workers
         self.threads = torch_threads or default_torch_threads(workers)

@@ -47,6 +47,7 @@ from bench.runner import (
     Cell,
     CellResult,
     check_device,
+    check_torch_threads,
     compute_cell,
     discard_checkpoint,
     make_context,
@@ -289,6 +290,7 @@ class RayExecutor:
                  worker_cache_dir: str | None = None, max_retries: int = 3, progress_every: float = 10.0) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        check_torch_threads(torch_threads)
         check_device(device, here=False)
         if not (device in ("auto", "cpu") or device.startswith("cuda")):
             raise AdaptBenchError(f"device `{device}`: Ray places runs on CPUs and CUDA GPUs only; "

@@ -117,10 +117,7 @@ def suite_plan(suite: Suite, seeds: list[int], preset: str, overrides: dict[str 
     if not cells and not skipped:
         raise AdaptBenchError(f"no block of suite `{suite.name}` matches --methods {methods} / --tasks {tasks}; "
                               f"its blocks: {[(list(m), list(t)) for m, t in suite.parts]}")
-    unused = sorted(k for k in (overrides or {}) if k is not None and k not in planned)
-    if unused:  # a setting asked for and silently dropped would leave runs computed without it
-        raise AdaptBenchError(f"--set for {', '.join(f'`{m}`' for m in unused)}: not in this plan (its methods: "
-                              f"{', '.join(sorted(planned))}); add it to --methods or drop the override")
+    check_override_targets(overrides or {}, sorted(planned))  # one dropped by the filter would be silently lost
     return plan_dedup(Plan(cells, skipped, preset))
 
 
@@ -205,6 +202,18 @@ class Plan:
     preset: str
 
 
+def check_override_targets(overrides: dict[str | None, dict[str, str]], methods: list[str]) -> None:
+    """Every ``method.field`` override names a method of the plan: an unknown name fails with close matches, a
+    registered method that is not planned fails too (its setting would be silently lost)."""
+    for target in overrides:
+        if target is None or target in methods:
+            continue
+        if target in method_registry():
+            raise AdaptBenchError(f"--set {target}.…: method `{target}` is not in this plan (its methods: "
+                                  f"{', '.join(methods)}); add it to --methods or drop the override")
+        raise UnknownNameError("method in override", target, methods)
+
+
 def make_plan(
     methods: list[str],
     tasks: list[str],
@@ -218,12 +227,7 @@ def make_plan(
 
     check_preset(preset)
     overrides = overrides or {}
-    for target in overrides:
-        if target is not None and target not in methods:
-            if target in method_registry():
-                raise AdaptBenchError(f"--set {target}.…: method `{target}` is not in this plan (its methods: "
-                                      f"{', '.join(methods)}); add it to --methods or drop the override")
-            raise UnknownNameError("method in override", target, methods)
+    check_override_targets(overrides, methods)
     global_over = overrides.get(None, {})
     cells, skipped = [], []
     configs = {}
@@ -352,6 +356,12 @@ def check_device(device: str, here: bool = True) -> str:
         if index >= torch.cuda.device_count():
             raise AdaptBenchError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def check_torch_threads(threads: int | None) -> None:
+    """``None`` (the executor's default share of the cores) or a count >= 1."""
+    if threads is not None and threads < 1:
+        raise AdaptBenchError(f"--torch-threads must be >= 1, got {threads}")
 
 
 def resolve_device(device: str) -> str:

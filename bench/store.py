@@ -205,14 +205,19 @@ class ResultsStore:
             raise CorruptRecordError(f"run record `{path}` says it is run `{meta['run_id']}`")
         return meta
 
-    def read(self, run_id: str) -> RunRecord:
-        """Load and verify a run; a truncated or edited curve raises :class:`CorruptRecordError`."""
+    def _checked_meta(self, run_id: str) -> tuple[dict[str, Any], Path]:
+        """The meta and the curve's path, the curve matching its checksum (else :class:`CorruptRecordError`)."""
         meta = self.read_meta(run_id)
         path = self.runs / run_id / "curve.parquet"
         if not path.is_file():
             raise CorruptRecordError(f"run record `{path.parent}` has no curve.parquet")
         if _sha256(path) != meta["curve_sha256"]:
             raise CorruptRecordError(f"`{path}` does not match its checksum in meta.json (truncated or edited)")
+        return meta, path
+
+    def read(self, run_id: str) -> RunRecord:
+        """Load and verify a run; a truncated or edited curve raises :class:`CorruptRecordError`."""
+        meta, path = self._checked_meta(run_id)
         try:
             curve = pd.read_parquet(path)
         except Exception as e:  # pyarrow raises several types for damaged files
@@ -227,13 +232,9 @@ class ResultsStore:
         if not (self.runs / run_id).exists():
             return "missing"
         try:
-            meta = self.read_meta(run_id)
+            return self._checked_meta(run_id)[0]["status"]
         except CorruptRecordError:
             return "corrupt"
-        curve = self.runs / run_id / "curve.parquet"
-        if not curve.is_file() or _sha256(curve) != meta["curve_sha256"]:
-            return "corrupt"
-        return meta["status"]
 
     def run_ids(self) -> list[str]:
         if not self.runs.is_dir():

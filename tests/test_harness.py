@@ -450,7 +450,7 @@ def test_budget_is_part_of_the_run_id_and_eval_trials_repeat_the_test_split():
         (["run", "--suite", "icrl", "--methods", "drqv2"], "nothing to run"),
         # a multi-block suite filtered by --methods: an override of a method left out is refused, not dropped
         (["run", "--suite", "icrl-ablations", "--methods", "ad-ctx1", "--tasks", "DarkRoom-v0",
-          "--set", "ad.learning_rate=1e-3"], "`ad`: not in this plan"),
+          "--set", "ad.learning_rate=1e-3"], "method `ad` is not in this plan"),
         (["run", "--methods", "random", "--tasks", "DarkRoom-v0", "--executor", "ray", "--device", "mps"],
          "Ray places runs on CPUs and CUDA GPUs only"),
     ],

@@ -422,8 +422,10 @@ def test_builtin_methods_declare_their_resources():
     """DrQ-v2 asks for its replay's memory and, at the paper preset, a GPU; AD / ED a GPU at the paper preset (where a
     cluster has none, ``--device auto`` drops it: :func:`placed_resources`)."""
     walker = run_resources(Cell("drqv2", "DMC-walker-walk-v0", 0, "paper", None))
-    steps = 1_100_000 // 2  # walker-walk's paper budget (1.1M frames), action repeat 2; under the 1M buffer
-    assert walker == Resources(1.0, 1.0, steps * 3 * 84 * 84 + 3 * 2**30)
+    # walker-walk's paper budget: 1.1M frames at action repeat 2 = 550k agent steps, plus one slot per episode start
+    # (500 agent steps an episode): the replay's own capacity, under the 1M buffer
+    slots = 550_000 + 550_000 // 500 + 2
+    assert walker == Resources(1.0, 1.0, slots * 3 * 84 * 84 + 3 * 2**30)
     quadruped = run_resources(Cell("drqv2-noaug", "DMC-quadruped-run-v0", 0, "paper", None))
     assert quadruped.memory == 100_000 * 3 * 84 * 84 + 3 * 2**30  # the reference's 100k buffer there
     quick = run_resources(Cell("drqv2", "DMC-cartpole-swingup-v0", 0, "quick", None))

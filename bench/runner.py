@@ -303,7 +303,6 @@ def plan_dedup(plan: Plan) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------- one cell
-@cache
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent.parent
     try:
@@ -462,6 +461,9 @@ def compute_cell(
     from tasks.references import get_references
 
     t0 = time.time()
+    # The code that runs is the code checked out now: a commit made while a long run trains must not be named as
+    # the run's commit, so the environment (git commit included) is read before the method starts, not after.
+    env = environment_info()
     spec = get_task(cell.task)
     method = get_method(cell.method)
     cache_dir = Path(cache_root)
@@ -487,7 +489,7 @@ def compute_cell(
         "references": None if refs is None else refs.__dict__,
         "device": resolve_device(device), "torch_threads": torch_threads,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "wall_time_s": round(wall, 3),
-        **environment_info(),
+        **env,
     }
     return meta, logger.rows
 

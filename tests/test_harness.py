@@ -265,6 +265,34 @@ def test_rerun_skips_finished_and_records_are_traceable(results_dir, cache_dir, 
         assert dist in meta["versions"]
 
 
+class _Committing:
+    """Stands for a commit made while a long run trains: the checkout's HEAD changes during ``run``."""
+
+    name = "test-committing"
+
+    def supports(self, task):
+        return True
+
+    def run(self, ctx):
+        _Committing.head = "after"
+        ctx.log(0, {"eval/return": 0.0}, axis="episode")
+
+
+def test_record_names_the_commit_checked_out_when_the_run_started(monkeypatch, cache_dir):
+    import bench.runner as runner
+
+    _Committing.head = "before"
+    monkeypatch.setattr(runner, "_git_commit", lambda: _Committing.head)
+    method_registry().register("test-committing", _Committing(), "tests", replace=True)
+    try:
+        cell = make_plan(["test-committing"], ["DarkRoom-v0"], [0], "smoke").cells[0]
+        meta, _ = runner.compute_cell(cell, str(cache_dir))
+    finally:
+        method_registry()._entries.pop("test-committing", None)
+    assert meta["status"] == "ok", meta["reason"]
+    assert meta["git_commit"] == "before"
+
+
 def test_failures_are_stored_sweep_goes_on_and_retry(results_dir, cache_dir, test_methods, capsys):
     code = _run(results_dir, cache_dir, "--methods", "test-boom,test-nan,test-silent,random",
                 "--tasks", "DarkRoom-v0")

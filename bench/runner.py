@@ -304,6 +304,7 @@ def plan_dedup(plan: Plan) -> Plan:
 
 # ---------------------------------------------------------------------------------------------- one cell
 def _git_commit() -> str | None:
+    # not cached: a worker process runs many cells over hours, and each record names the commit of its own start
     here = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)

@@ -368,11 +368,10 @@ _TASKS: tuple[tuple[str, str, int, str], ...] = (
 _REFERENCE = Reference(value=1000.0, source="cited: DMC episode return upper bound (Tassa et al. 2018)")
 # The quick preset's frames: 40k by default (~20 min a DrQ-v2 run with two runs side by side on 2 cores). At 40k
 # frames DrQ-v2 with and without augmentation had not separated on finger-spin (final 11 vs 1, critic FAU 0.385 vs
-# 0.359 over 3 seeds, inside each other's spread): neither agent had learnt yet. At 100k frames (~70 min a run, two
-# side by side) the augmented agent learns finger-spin and the critics' FAU parts (seed 0: final 250 vs 0, FAU of
-# the last 5 episodes 0.536 vs 0.296; reacher-easy: no learning yet, FAU 0.448 vs 0.385): results/README.md.
-# ball_in_cup-catch (a DrQ-v2 "easy" task, like finger-spin) gets the same 100k as the candidate second task on which
-# the returns may separate, since reacher-easy's had not at seed 0.
+# 0.359 over 3 seeds, inside each other's spread): neither agent had learnt yet. At 100k frames (70-95 min a run, two
+# side by side) the augmented agent learnt finger-spin on seed 0 (final 250 vs 0, critic FAU of the last 5 episodes
+# 0.536 vs 0.296) but not on seed 1 (0 vs 0, FAU 0.238 vs 0.325); reacher-easy and ball_in_cup-catch (tried as the
+# second task) did not separate at seed 0 (finals 80 vs 13 and 199 vs 200): results/README.md's 100k section.
 _QUICK_FRAMES = {("finger", "spin"): 100_000, ("reacher", "easy"): 100_000, ("ball_in_cup", "catch"): 100_000}
 
 

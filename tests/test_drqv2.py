@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from baselines import drqv2
 from baselines.drqv2 import (
+    QUICK,
+    QUICK_STD_BUDGET,
     Config,
     DrQV2,
     DrQV2Agent,
@@ -64,11 +66,33 @@ def test_paper_defaults_and_task_overrides():
     quick = resolve_config(method, "quick")
     quick_walker = resolve_config(method, "quick", task="DMC-walker-walk-v0")
     assert (quick_walker.batch_size, quick_walker.nstep) == (quick.batch_size, 1)
-    assert resolve_config(method, "quick", task="DMC-reacher-easy-v0") == quick  # medium, but quick sets the std
+    assert resolve_config(method, "quick", task="DMC-walker-run-v0").std_schedule == quick.std_schedule  # medium,
+    # but quick sets the std (40k-frame budget)
     # and the command line wins over both
     assert resolve_config(method, "quick", {"nstep": "3"}, task="DMC-walker-walk-v0").nstep == 3
     assert Linear(1.0, 0.1, 100)(0) == 1.0 and Linear(1.0, 0.1, 100)(50) == pytest.approx(0.55)
     assert Linear(1.0, 0.1, 100)(10**6) == pytest.approx(0.1)
+
+
+def test_quick_keeps_the_papers_exploration_schedule_on_tasks_with_a_longer_quick_budget():
+    """Quick's 20k-frame std schedule is for its 40k-frame budget; a task with a longer quick budget (100k frames)
+    explores as the paper's run does over those frames: the easy tasks' 200k-frame schedule, the medium ones' 1M."""
+    method = DrQV2()
+    assert resolve_config(method, "quick", task=TASK).std_schedule == Linear(1.0, 0.1, 20_000)  # 40k frames
+    for task, frames in [("DMC-finger-spin-v0", 200_000), ("DMC-ball_in_cup-catch-v0", 200_000),
+                         ("DMC-reacher-easy-v0", 1_000_000)]:
+        assert get_task(task).budget("quick").train_steps > QUICK_STD_BUDGET
+        cfg = resolve_config(method, "quick", task=task)
+        assert cfg.std_schedule == Linear(1.0, 0.1, frames) == resolve_config(method, "paper", task=task).std_schedule
+        assert "std_schedule" not in paper_deviations(method, cfg, task)
+        assert (cfg.batch_size, cfg.hidden_dim) == (32, 256)  # the rest of quick holds
+    assert "std_schedule" in paper_deviations(method, resolve_config(method, "quick", task=TASK), TASK)
+    # both agents of the augmentation comparison, and the variants built on QUICK, explore alike
+    assert resolve_config(DrQV2NoAug(), "quick", task="DMC-finger-spin-v0").std_schedule == Linear(1.0, 0.1, 200_000)
+    # a method whose quick preset sets its own schedule keeps it
+    own = type("OwnStd", (DrQV2,), {"name": "drqv2-own-std",
+                                    "presets": {"quick": {**QUICK, "std_schedule": Linear(1.0, 0.2, 5_000)}}})()
+    assert resolve_config(own, "quick", task="DMC-finger-spin-v0").std_schedule == Linear(1.0, 0.2, 5_000)
 
 
 def test_task_settings_reach_the_plan_id_and_deviations():

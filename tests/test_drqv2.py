@@ -80,7 +80,7 @@ def test_quick_keeps_the_papers_exploration_schedule_on_tasks_with_a_longer_quic
     method = DrQV2()
     assert resolve_config(method, "quick", task=TASK).std_schedule == Linear(1.0, 0.1, 20_000)  # 40k frames
     for task, frames in [("DMC-finger-spin-v0", 200_000), ("DMC-ball_in_cup-catch-v0", 200_000),
-                         ("DMC-reacher-easy-v0", 1_000_000)]:
+                         ("DMC-reacher-easy-v0", 1_000_000), ("DMC-cheetah-run-v0", 1_000_000)]:
         assert get_task(task).budget("quick").train_steps > QUICK_STD_BUDGET
         cfg = resolve_config(method, "quick", task=task)
         assert cfg.std_schedule == Linear(1.0, 0.1, frames) == resolve_config(method, "paper", task=task).std_schedule

@@ -129,16 +129,19 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
     """Markdown-ready table (methods as rows, sorted by IQM) and long CSV rows, for one family x preset."""
     family = runs["family"].iloc[0]
     seeds_of = {m: score_matrix(g)[2] for m, g in runs.groupby("method")}
-    aggregates = {name: scoring.stratified_bootstrap_ci(score_matrices(runs), fn, reps, 0.95, seed)
-                  for name, fn in scoring.AGGREGATES.items()}
+    # a method whose tasks share no seed (seed 0 on one task, seed 1 on another) has no aggregate: "–", not an error
+    matrices = {m: a for m, a in score_matrices(runs).items() if a.size}
+    computed = {name: scoring.stratified_bootstrap_ci(matrices, fn, reps, 0.95, seed) if matrices else {}
+                for name, fn in scoring.AGGREGATES.items()}
+    aggregates = {name: {m: by_method.get(m) for m in seeds_of} for name, by_method in computed.items()}
     tasks = sorted(runs["task"].unique())
     table, csv = [], []
     for m, seeds in seeds_of.items():
         g = runs[runs["method"] == m]
         line = {"method": m, "IQM": _fmt(aggregates["IQM"][m]), "Mean": _fmt(aggregates["Mean"][m]),
                 "Median": _fmt(aggregates["Median"][m]), "Opt. gap": _fmt(aggregates["Optimality gap"][m]),
-                "_iqm": aggregates["IQM"][m].point}
-        for name, iv in ((n, aggregates[n][m]) for n in aggregates):
+                "_iqm": aggregates["IQM"][m].point if aggregates["IQM"][m] else -math.inf}
+        for name, iv in ((n, aggregates[n][m]) for n in aggregates if aggregates[n][m]):
             csv.append({"method": m, "task": f"aggregate/{name}", "metric": "final", "value": iv.point,
                         "ci_low": iv.low, "ci_high": iv.high, "seeds": len(seeds)})
         extra_metrics = ["first", "improvement", "plateau"] if family == "in-context" else ["auc", "fau_critic"]

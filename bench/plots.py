@@ -174,22 +174,25 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
                 headline if not headline.empty else g, preset)
             save(fig, f"{tag}-curves.png")
             r = runs[(runs["family"] == family) & (runs["preset"] == preset)]
-            matrices = score_matrices(r)
-            intervals = {n: scoring.stratified_bootstrap_ci(matrices, fn, reps, 0.95, seed)
-                         for n, fn in scoring.AGGREGATES.items()}
-            save(interval_estimates(intervals, f"Aggregate scores ({family}) — preset `{preset}`"),
-                 f"{tag}-aggregates.png")
-            ranked = sorted(matrices, key=lambda m: -intervals["IQM"][m].point)
-            best = ranked[0]
-            pois = {}
-            for other in ranked[1:]:
-                common = _common_tasks(r, best, other)
-                if common:
-                    x, y = score_matrices(r[r["task"].isin(common)], [best, other]).values()
-                    pois[(best, other)] = scoring.stratified_bootstrap_poi(x, y, reps, 0.95, seed)
-            if pois:
-                save(probability_of_improvement(pois, f"Probability of improvement ({family}) — preset `{preset}`"),
-                     f"{tag}-improvement-probability.png")
+            # a method whose tasks share no seed has no aggregate (the leaderboard shows "–"): left out here
+            matrices = {m: a for m, a in score_matrices(r).items() if a.size}
+            if matrices:
+                intervals = {n: scoring.stratified_bootstrap_ci(matrices, fn, reps, 0.95, seed)
+                             for n, fn in scoring.AGGREGATES.items()}
+                save(interval_estimates(intervals, f"Aggregate scores ({family}) — preset `{preset}`"),
+                     f"{tag}-aggregates.png")
+                ranked = sorted(matrices, key=lambda m: -intervals["IQM"][m].point)
+                pois = {}
+                for other in ranked[1:]:
+                    best = ranked[0]
+                    common = _common_tasks(r, best, other)
+                    if common:
+                        x, y = score_matrices(r[r["task"].isin(common)], [best, other]).values()
+                        if x.size and y.size:
+                            pois[(best, other)] = scoring.stratified_bootstrap_poi(x, y, reps, 0.95, seed)
+                if pois:
+                    save(probability_of_improvement(pois, f"Probability of improvement ({family}) — preset `{preset}`"),
+                         f"{tag}-improvement-probability.png")
             e = extras[(extras["family"] == family) & (extras["preset"] == preset)] if not extras.empty else extras
             if family == "control" and not e.empty:
                 for key in sorted(k for k in e["key"].unique() if k.startswith("fau/")):

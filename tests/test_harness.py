@@ -384,6 +384,24 @@ def test_leaderboard_row_with_more_seeds_on_one_task():
     assert csv[(csv["task"] == "B-v0")]["seeds"].item() == 5
 
 
+def test_leaderboard_row_of_a_method_whose_tasks_share_no_seed():
+    """Seed 0 on one task and seed 1 on another (a sweep run one seed and task at a time): the method has no
+    aggregate ("–") and ranks last, its task columns still show, and the other methods are scored as before."""
+    from bench.leaderboard import family_table
+
+    rows = [{"family": "control", "method": m, "task": t, "seed": s, "final": float(10 + s), "raw_final": 0.0,
+             "auc": 1.0, "fau_critic": 0.5, "deviation_items": []}
+            for m, cells in (("split", (("A-v0", 0), ("B-v0", 1))), ("whole", (("A-v0", 0), ("B-v0", 0))))
+            for t, s in cells]
+    table, csv = family_table(pd.DataFrame(rows), 0, 100)
+    assert list(table["method"]) == ["whole", "split"]
+    split = table.iloc[1]
+    assert (split["IQM"], split["Mean"], split["Critic FAU"], split["Seeds"]) == ("–", "–", "–", "0 (A-v0: 1, B-v0: 1)")
+    assert split["A-v0"].startswith("10.0 ") and split["B-v0"].startswith("11.0 ")
+    assert table.iloc[0]["IQM"].startswith("10.0 ")
+    assert not ((csv["method"] == "split") & csv["task"].str.startswith("aggregate/")).any()
+
+
 def test_a_bad_per_task_preset_is_named():
     bad = type("M", (), {"name": "m", "Config": _Cfg, "task_presets": {"quick": {"DarkRoom-v0": {"layer": 2}}}})()
     with pytest.raises(ConfigError, match="preset `quick` on task `DarkRoom-v0`.*Did you mean `layers`"):

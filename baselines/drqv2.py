@@ -170,12 +170,12 @@ SMOKE: dict[str, Any] = {"hidden_dim": 32, "feature_dim": 16, "batch_size": 4, "
                          "std_schedule": Linear(1.0, 0.1, 1000), "arr_interval_episodes": 1, "arr_threshold": 1.0}
 QUICK: dict[str, Any] = {"batch_size": 32, "hidden_dim": 256, "image_size": 64,
                          "std_schedule": Linear(1.0, 0.1, 20_000)}
-# ... for a quick budget of 40k frames. A task given a longer quick budget (tasks/dmc.py's _QUICK_FRAMES: 100k frames
-# on finger-spin, reacher-easy, ball_in_cup-catch) keeps the paper's schedule instead (easy tasks: 200k frames, std 1.0
-# -> 0.55 over a 100k run; medium: 1M), so its quick run explores as the first 100k frames of the paper's run do. With
-# the 20k schedule the noise sat at its 0.1 floor for 80% of such a run, and whether an agent found finger-spin's
-# reward at all decided it (seed 0: the augmented agent did, at ~35k frames; seed 1: neither agent did; results/
-# README.md). A method whose quick preset sets another schedule keeps its own.
+# ... for a quick budget of 40k frames. A task given a longer quick budget (tasks/dmc.py's _QUICK_FRAMES: 100k
+# frames on finger-spin, reacher-easy, ball_in_cup-catch, cheetah-run) keeps the paper's schedule instead (easy
+# tasks: 200k frames, std 1.0 -> 0.55 over a 100k run; medium: 1M), so its quick run explores as the first 100k
+# frames of the paper's run do. With the 20k schedule the noise sat at its 0.1 floor for 80% of such a run, and
+# whether an agent found finger-spin's reward at all decided it (results/README.md). A method whose quick preset
+# sets another schedule keeps its own.
 QUICK_STD_BUDGET = 40_000
 
 # cfgs/task/*.yaml: per-task settings of the reference, by domain ("walker-*") or task. They reach a run's config

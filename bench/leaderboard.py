@@ -113,6 +113,12 @@ def score_matrices(runs: pd.DataFrame, methods: list[str] | None = None) -> dict
     return {m: score_matrix(runs[runs["method"] == m])[0] for m in names}
 
 
+def aggregate_matrices(runs: pd.DataFrame) -> dict[str, np.ndarray]:
+    """:func:`score_matrices` of the methods that have a seed every one of their tasks has; a method with none (seed 0
+    on one task, seed 1 on another) has no aggregate score: the table shows "–", the plots leave it out."""
+    return {m: a for m, a in score_matrices(runs).items() if a.size}
+
+
 def _mean_ci(vals: np.ndarray, seed: int, reps: int) -> scoring.Interval:
     """Mean of one method's per-seed values with its stratified-bootstrap 95% interval."""
     return scoring.stratified_bootstrap_ci({"x": np.asarray(vals, float)[:, None]}, scoring.mean, reps, 0.95,
@@ -129,8 +135,7 @@ def family_table(runs: pd.DataFrame, seed: int, reps: int) -> tuple[pd.DataFrame
     """Markdown-ready table (methods as rows, sorted by IQM) and long CSV rows, for one family x preset."""
     family = runs["family"].iloc[0]
     seeds_of = {m: score_matrix(g)[2] for m, g in runs.groupby("method")}
-    # a method whose tasks share no seed (seed 0 on one task, seed 1 on another) has no aggregate: "–", not an error
-    matrices = {m: a for m, a in score_matrices(runs).items() if a.size}
+    matrices = aggregate_matrices(runs)
     computed = {name: scoring.stratified_bootstrap_ci(matrices, fn, reps, 0.95, seed) if matrices else {}
                 for name, fn in scoring.AGGREGATES.items()}
     aggregates = {name: {m: by_method.get(m) for m in seeds_of} for name, by_method in computed.items()}

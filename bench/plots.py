@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from bench import scoring  # noqa: E402
-from bench.leaderboard import score_matrices  # noqa: E402
+from bench.leaderboard import aggregate_matrices, score_matrices  # noqa: E402
 
 
 def _wrap(title: str, fig: plt.Figure) -> str:
@@ -174,17 +174,15 @@ def save_all(runs: pd.DataFrame, curves: pd.DataFrame, extras: pd.DataFrame, out
                 headline if not headline.empty else g, preset)
             save(fig, f"{tag}-curves.png")
             r = runs[(runs["family"] == family) & (runs["preset"] == preset)]
-            # a method whose tasks share no seed has no aggregate (the leaderboard shows "–"): left out here
-            matrices = {m: a for m, a in score_matrices(r).items() if a.size}
+            matrices = aggregate_matrices(r)
             if matrices:
                 intervals = {n: scoring.stratified_bootstrap_ci(matrices, fn, reps, 0.95, seed)
                              for n, fn in scoring.AGGREGATES.items()}
                 save(interval_estimates(intervals, f"Aggregate scores ({family}) — preset `{preset}`"),
                      f"{tag}-aggregates.png")
                 ranked = sorted(matrices, key=lambda m: -intervals["IQM"][m].point)
-                pois = {}
+                best, pois = ranked[0], {}
                 for other in ranked[1:]:
-                    best = ranked[0]
                     common = _common_tasks(r, best, other)
                     if common:
                         x, y = score_matrices(r[r["task"].isin(common)], [best, other]).values()
